@@ -1,0 +1,3 @@
+SELECT id, password_hash
+FROM users
+WHERE username = $1

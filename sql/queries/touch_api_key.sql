@@ -1,0 +1,3 @@
+UPDATE api_keys
+SET last_used_at = now()
+WHERE id = $1

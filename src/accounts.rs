@@ -1,0 +1,213 @@
+//! Users, API keys and refresh tokens in PostgreSQL.
+//!
+//! Each statement lives in `sql/queries/` and is prepared once per pooled connection.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde::Serialize;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+const INSERT_USER: &str = include_str!("../sql/queries/insert_user.sql");
+const FIND_USER_BY_USERNAME: &str = include_str!("../sql/queries/find_user_by_username.sql");
+const INSERT_API_KEY: &str = include_str!("../sql/queries/insert_api_key.sql");
+const LIST_API_KEYS: &str = include_str!("../sql/queries/list_api_keys.sql");
+const FIND_API_KEY: &str = include_str!("../sql/queries/find_api_key.sql");
+const TOUCH_API_KEY: &str = include_str!("../sql/queries/touch_api_key.sql");
+const INSERT_REFRESH_TOKEN: &str = include_str!("../sql/queries/insert_refresh_token.sql");
+const USE_REFRESH_TOKEN: &str = include_str!("../sql/queries/use_refresh_token.sql");
+const REVOKE_USER_REFRESH_TOKENS: &str =
+    include_str!("../sql/queries/revoke_user_refresh_tokens.sql");
+
+/// A failed account operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("username is already taken")]
+    UsernameTaken,
+    #[error("email is already registered")]
+    EmailTaken,
+    #[error("cannot get a PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// A stored user, as needed to check a login.
+pub struct UserCredentials {
+    pub id: i64,
+    pub password_hash: String,
+}
+
+/// An API key as its owner sees it in listings: never the secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKeyInfo {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub active: bool,
+    pub rate_limit_per_minute: Option<i32>,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// An API key as the ingest path needs it.
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    pub id: i64,
+    pub user_id: i64,
+    pub key_hash: Vec<u8>,
+    pub active: bool,
+    pub rate_limit_per_minute: Option<i32>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// The account store.
+#[derive(Clone)]
+pub struct Accounts {
+    pool: Pool,
+}
+
+impl Accounts {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Creates a user and returns its id and creation time.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        email: &str,
+        password_hash: &str,
+    ) -> Result<(i64, DateTime<Utc>), AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(INSERT_USER).await?;
+        let row = client
+            .query_one(&statement, &[&username, &email, &password_hash])
+            .await
+            .map_err(unique_violation)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn find_user(&self, username: &str) -> Result<Option<UserCredentials>, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(FIND_USER_BY_USERNAME).await?;
+        let row = client.query_opt(&statement, &[&username]).await?;
+        Ok(row.map(|row| UserCredentials {
+            id: row.get(0),
+            password_hash: row.get(1),
+        }))
+    }
+
+    /// Stores a new API key (its hash and display prefix) and returns its id and time.
+    pub async fn create_api_key(
+        &self,
+        user_id: i64,
+        name: &str,
+        prefix: &str,
+        key_hash: &[u8],
+    ) -> Result<(i64, DateTime<Utc>), AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(INSERT_API_KEY).await?;
+        let row = client
+            .query_one(&statement, &[&user_id, &name, &prefix, &key_hash])
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    pub async fn list_api_keys(&self, user_id: i64) -> Result<Vec<ApiKeyInfo>, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(LIST_API_KEYS).await?;
+        let rows = client.query(&statement, &[&user_id]).await?;
+        Ok(rows.iter().map(api_key_info).collect())
+    }
+
+    pub async fn find_api_key(
+        &self,
+        key_hash: &[u8],
+    ) -> Result<Option<ApiKeyRecord>, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(FIND_API_KEY).await?;
+        let row = client.query_opt(&statement, &[&key_hash]).await?;
+        Ok(row.map(|row| ApiKeyRecord {
+            id: row.get(0),
+            user_id: row.get(1),
+            key_hash: row.get(2),
+            active: row.get(3),
+            rate_limit_per_minute: row.get(4),
+            last_used_at: row.get(5),
+        }))
+    }
+
+    /// Records that a key was used now.
+    pub async fn touch_api_key(&self, key_id: i64) -> Result<(), AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(TOUCH_API_KEY).await?;
+        client.execute(&statement, &[&key_id]).await?;
+        Ok(())
+    }
+
+    pub async fn store_refresh_token(
+        &self,
+        jti: Uuid,
+        user_id: i64,
+        token_hash: &[u8],
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(INSERT_REFRESH_TOKEN).await?;
+        client
+            .execute(&statement, &[&jti, &user_id, &token_hash, &expires_at])
+            .await?;
+        Ok(())
+    }
+
+    /// Marks refresh token `jti` used and returns its owner and hash, or `None` when it
+    /// does not exist, has expired or was used before.
+    pub async fn use_refresh_token(
+        &self,
+        jti: Uuid,
+    ) -> Result<Option<(i64, Vec<u8>)>, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(USE_REFRESH_TOKEN).await?;
+        let row = client.query_opt(&statement, &[&jti]).await?;
+        Ok(row.map(|row| (row.get(0), row.get(1))))
+    }
+
+    /// Ends every refresh token of the user who owns `jti`: a reused token means it was
+    /// copied, and neither copy may go on.
+    pub async fn revoke_refresh_family(&self, jti: Uuid) -> Result<u64, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(REVOKE_USER_REFRESH_TOKENS).await?;
+        Ok(client.execute(&statement, &[&jti]).await?)
+    }
+}
+
+fn api_key_info(row: &Row) -> ApiKeyInfo {
+    ApiKeyInfo {
+        id: row.get(0),
+        name: row.get(1),
+        prefix: row.get(2),
+        active: row.get(3),
+        rate_limit_per_minute: row.get(4),
+        created_at: row.get(5),
+        last_used_at: row.get(6),
+    }
+}
+
+/// Turns a unique violation on `users` into the field that collided.
+fn unique_violation(err: tokio_postgres::Error) -> AccountError {
+    let constraint = err
+        .as_db_error()
+        .filter(|db| *db.code() == SqlState::UNIQUE_VIOLATION)
+        .and_then(|db| db.constraint());
+    match constraint {
+        Some("users_username_key") => AccountError::UsernameTaken,
+        Some("users_email_key") => AccountError::EmailTaken,
+        _ => AccountError::Postgres(err),
+    }
+}

@@ -1,0 +1,189 @@
+//! `DbWriter`: writes batches of events into PostgreSQL.
+//!
+//! Messages: [`WriteBatch`] (write these events, reply when committed) and [`Ping`] (does
+//! PostgreSQL answer). Mailbox capacity: `mailbox.db_writer`; the consumers wait for room
+//! rather than drop anything, so a full mailbox slows consumption and the backlog stays in
+//! Kafka.
+//!
+//! A batch is one `INSERT ... SELECT FROM unnest(...)` statement, so it commits whole or
+//! not at all. It is idempotent on `(user_id, id)`: an event already stored is skipped,
+//! which is what makes a redelivered Kafka message harmless. Batches are written
+//! concurrently, up to the pool size.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use uuid::Uuid;
+
+use super::Reply;
+use crate::event::Event;
+
+const INSERT_LOGS: &str = include_str!("../../sql/queries/insert_logs.sql");
+
+/// How a committed batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Rows inserted.
+    pub inserted: u64,
+    /// Events skipped because they were already stored.
+    pub duplicates: u64,
+}
+
+/// Why a batch was not written. Nothing of the batch is stored when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("cannot get a PostgreSQL connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// Writes `events` in one transaction and replies once it committed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WriteBatch {
+    pub events: Arc<Vec<Event>>,
+    pub reply: Reply<Result<WriteOutcome, WriteError>>,
+}
+
+impl std::fmt::Debug for WriteBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBatch")
+            .field("events", &self.events.len())
+            .finish()
+    }
+}
+
+/// Checks that PostgreSQL answers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping {
+    pub reply: Reply<Result<(), WriteError>>,
+}
+
+/// The actor; see the module documentation.
+pub struct DbWriter {
+    pool: Pool,
+    mailbox_capacity: usize,
+}
+
+impl DbWriter {
+    pub fn new(pool: Pool, mailbox_capacity: usize) -> Self {
+        Self {
+            pool,
+            mailbox_capacity,
+        }
+    }
+}
+
+impl Actor for DbWriter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+}
+
+impl Handler<WriteBatch> for DbWriter {
+    type Result = ();
+
+    fn handle(&mut self, msg: WriteBatch, _ctx: &mut Context<Self>) {
+        let pool = self.pool.clone();
+        actix::spawn(async move {
+            let result = write_batch(&pool, &msg.events).await;
+            let _ = msg.reply.send(result);
+        });
+    }
+}
+
+impl Handler<Ping> for DbWriter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ping, _ctx: &mut Context<Self>) {
+        let pool = self.pool.clone();
+        actix::spawn(async move {
+            let result = async {
+                let client = pool.get().await?;
+                client.simple_query("SELECT 1").await?;
+                Ok(())
+            }
+            .await;
+            let _ = msg.reply.send(result);
+        });
+    }
+}
+
+/// The batch as one array per column, the shape `unnest` takes.
+#[derive(Default)]
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    user_ids: Vec<i64>,
+    api_key_ids: Vec<i64>,
+    service_names: Vec<&'a str>,
+    levels: Vec<&'a str>,
+    severity_texts: Vec<&'static str>,
+    severity_numbers: Vec<i16>,
+    messages: Vec<&'a str>,
+    timestamps: Vec<DateTime<Utc>>,
+    received_ats: Vec<DateTime<Utc>>,
+    attributes: Vec<tokio_postgres::types::Json<&'a serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl<'a> Columns<'a> {
+    fn from_events(events: &'a [Event]) -> Self {
+        let mut columns = Columns::default();
+        for event in events {
+            columns.ids.push(event.id);
+            columns.user_ids.push(event.user_id);
+            columns.api_key_ids.push(event.api_key_id);
+            columns.service_names.push(&event.service_name);
+            columns.levels.push(&event.level);
+            columns.severity_texts.push(event.severity.as_str());
+            columns.severity_numbers.push(event.severity_number as i16);
+            columns.messages.push(&event.message);
+            columns.timestamps.push(event.timestamp);
+            columns.received_ats.push(event.received_at);
+            columns
+                .attributes
+                .push(tokio_postgres::types::Json(&event.attributes));
+        }
+        columns
+    }
+}
+
+/// Writes one batch; the statement is prepared once per connection and cached.
+pub async fn write_batch(pool: &Pool, events: &[Event]) -> Result<WriteOutcome, WriteError> {
+    if events.is_empty() {
+        return Ok(WriteOutcome {
+            inserted: 0,
+            duplicates: 0,
+        });
+    }
+    let client = pool.get().await?;
+    let statement = client.prepare_cached(INSERT_LOGS).await?;
+    let c = Columns::from_events(events);
+    let inserted = client
+        .execute(
+            &statement,
+            &[
+                &c.ids,
+                &c.user_ids,
+                &c.api_key_ids,
+                &c.service_names,
+                &c.levels,
+                &c.severity_texts,
+                &c.severity_numbers,
+                &c.messages,
+                &c.timestamps,
+                &c.received_ats,
+                &c.attributes,
+            ],
+        )
+        .await?;
+    Ok(WriteOutcome {
+        inserted,
+        duplicates: events.len() as u64 - inserted,
+    })
+}

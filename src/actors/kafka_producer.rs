@@ -1,0 +1,194 @@
+//! `KafkaProducer`: publishes events to the topic and replies once Kafka has them.
+//!
+//! Messages: [`Publish`] (a batch of encoded events) and [`Ping`] (can the brokers be
+//! reached). Mailbox capacity: `mailbox.kafka_producer`; when it is full the request gets
+//! 503.
+//!
+//! The producer is idempotent with `acks=all`. The reply to `Publish` is `Ok` only after
+//! every event of the batch was acknowledged; if any event fails, times out
+//! (`producer.delivery_timeout_ms`) or cannot be queued because librdkafka's queue is full,
+//! the reply is an error and the client gets 503. Events of a failed batch may still have
+//! been written, so a client retry can store an event twice unless the client sets the
+//! event `id` itself, in which case the retry is harmless.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::Reply;
+use crate::config::{KafkaConfig, ProducerConfig};
+use crate::event::Event;
+use crate::kafka::{self, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT_ID};
+
+/// One event ready to be published.
+pub struct Record {
+    /// The message key: the event's service name, so one service's events stay ordered.
+    pub key: String,
+    pub event_id: String,
+    /// The event as JSON.
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record")
+            .field("event_id", &self.event_id)
+            .field("payload_bytes", &self.payload.len())
+            .finish()
+    }
+}
+
+/// Encodes an event as a Kafka message.
+pub fn encode(event: &Event) -> Result<Record, serde_json::Error> {
+    Ok(Record {
+        key: event.service_name.clone(),
+        event_id: event.id.to_string(),
+        payload: serde_json::to_vec(event)?,
+    })
+}
+
+/// Why a batch was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("producer queue is full")]
+    QueueFull,
+    #[error("kafka did not acknowledge: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("producer was dropped before delivery")]
+    Canceled,
+}
+
+/// Publishes `records` and replies when all are acknowledged.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Publish {
+    pub records: Vec<Record>,
+    pub reply: Reply<Result<(), PublishError>>,
+}
+
+/// Checks that the brokers answer and know the topic.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ping {
+    pub reply: Reply<Result<(), PublishError>>,
+}
+
+/// The actor; see the module documentation.
+pub struct KafkaProducer {
+    producer: FutureProducer,
+    topic: String,
+    mailbox_capacity: usize,
+}
+
+impl KafkaProducer {
+    /// Creates the producer. Connecting happens in the background, so this succeeds while
+    /// the brokers are down.
+    pub fn new(
+        kafka: &KafkaConfig,
+        producer: &ProducerConfig,
+        mailbox_capacity: usize,
+    ) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = kafka::producer_config(kafka, producer).create()?;
+        Ok(Self {
+            producer,
+            topic: kafka.topic.clone(),
+            mailbox_capacity,
+        })
+    }
+
+    /// Queues every record; stops at the first that cannot be queued.
+    fn enqueue(
+        &self,
+        records: &[Record],
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, PublishError> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header {
+                    key: HEADER_EVENT_ID,
+                    value: Some(record.event_id.as_bytes()),
+                })
+                .insert(Header {
+                    key: HEADER_CONTENT_TYPE,
+                    value: Some(CONTENT_TYPE_JSON.as_bytes()),
+                });
+            let message = FutureRecord::to(&self.topic)
+                .key(record.key.as_bytes())
+                .payload(&record.payload)
+                .headers(headers);
+            match self.producer.send_result(message) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Err(PublishError::QueueFull)
+                }
+                Err((err, _)) => return Err(PublishError::Kafka(err)),
+            }
+        }
+        Ok(deliveries)
+    }
+}
+
+impl Actor for KafkaProducer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.mailbox_capacity);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if let Err(err) = self.producer.flush(Duration::from_secs(5)) {
+            tracing::error!(error = %err, "events still queued in the producer at shutdown");
+        }
+    }
+}
+
+impl Handler<Publish> for KafkaProducer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) {
+        let deliveries = match self.enqueue(&msg.records) {
+            Ok(deliveries) => deliveries,
+            Err(err) => {
+                let _ = msg.reply.send(Err(err));
+                return;
+            }
+        };
+        actix::spawn(async move {
+            let mut result = Ok(());
+            for delivery in join_all(deliveries).await {
+                match delivery {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((err, _))) => result = Err(PublishError::Kafka(err)),
+                    Err(_) => result = Err(PublishError::Canceled),
+                }
+            }
+            let _ = msg.reply.send(result);
+        });
+    }
+}
+
+impl Handler<Ping> for KafkaProducer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Ping, _ctx: &mut Context<Self>) {
+        let producer = self.producer.clone();
+        let topic = self.topic.clone();
+        actix::spawn(async move {
+            let lookup = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .map(|_| ())
+            });
+            let result = match lookup.await {
+                Ok(result) => result.map_err(PublishError::Kafka),
+                Err(_) => Err(PublishError::Canceled),
+            };
+            let _ = msg.reply.send(result);
+        });
+    }
+}

@@ -1,0 +1,203 @@
+//! Assembles a running logpipe: pool, migrations, topic, actors and the HTTP server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Arbiter};
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use tokio::sync::oneshot;
+use tracing_actix_web::TracingLogger;
+
+use crate::accounts::Accounts;
+use crate::actors::consumer_supervisor::{ConsumerSupervisor, Stop};
+use crate::actors::db_writer::DbWriter;
+use crate::actors::kafka_producer::KafkaProducer;
+use crate::actors::rate_limiter::RateLimiter;
+use crate::auth::{self, TokenKeys};
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::{db, kafka};
+
+/// Which parts of logpipe a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The HTTP API and the consumers.
+    All,
+    /// The HTTP API only: accounts, keys and ingestion into Kafka.
+    Api,
+    /// The consumers only, plus `/healthz` and `/readyz`.
+    Consumer,
+}
+
+impl Role {
+    fn runs_api(self) -> bool {
+        matches!(self, Role::All | Role::Api)
+    }
+
+    fn runs_consumers(self) -> bool {
+        matches!(self, Role::All | Role::Consumer)
+    }
+}
+
+/// A started logpipe; [`RunningApp::wait`] runs it until it is stopped.
+pub struct RunningApp {
+    /// The address the HTTP server listens on.
+    pub addr: SocketAddr,
+    server: Server,
+    supervisor: Option<Addr<ConsumerSupervisor>>,
+    arbiters: Vec<Arbiter>,
+}
+
+impl RunningApp {
+    /// A handle that stops the HTTP server (and so the app) from any thread.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until the HTTP server stops, then stops the consumers after their current
+    /// batch and flushes the producer.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        if let Some(supervisor) = self.supervisor {
+            let (reply, stopped) = oneshot::channel();
+            if supervisor.send(Stop { reply }).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(30), stopped).await;
+            }
+        }
+        for arbiter in self.arbiters {
+            arbiter.stop();
+        }
+        served.context("HTTP server failed")
+    }
+}
+
+/// Starts logpipe in the current actix system. `handle_signals` lets SIGINT and SIGTERM
+/// stop it gracefully.
+pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::Result<RunningApp> {
+    let config = Arc::new(config);
+    let pool = db::pool(&config.postgres)?;
+    db::migrate(&pool)
+        .await
+        .context("cannot apply migrations")?;
+    if config.kafka.create_topic {
+        kafka::ensure_topic(&config.kafka).await?;
+    }
+
+    let mut arbiters = Vec::new();
+    let (rate_limiter, producer) = if role.runs_api() {
+        let (rate_limiter, producer) = start_api_actors(&config, &mut arbiters)?;
+        (Some(rate_limiter), Some(producer))
+    } else {
+        (None, None)
+    };
+    let supervisor = if role.runs_consumers() {
+        Some(start_consumer_actors(&config, &pool, &mut arbiters))
+    } else {
+        None
+    };
+
+    let state = web::Data::new(AppState {
+        config: Arc::clone(&config),
+        accounts: Accounts::new(pool),
+        tokens: token_keys(&config),
+        dummy_password_hash: dummy_password_hash().await?,
+        rate_limiter,
+        producer,
+        supervisor: supervisor.clone(),
+    });
+    let (server, addr) = http_server(&config, state, role, handle_signals)?;
+    tracing::info!(%addr, ?role, "logpipe listening");
+    Ok(RunningApp {
+        addr,
+        server,
+        supervisor,
+        arbiters,
+    })
+}
+
+fn start_api_actors(
+    config: &Config,
+    arbiters: &mut Vec<Arbiter>,
+) -> anyhow::Result<(Addr<RateLimiter>, Addr<KafkaProducer>)> {
+    let producer = KafkaProducer::new(
+        &config.kafka,
+        &config.producer,
+        config.mailbox.kafka_producer,
+    )
+    .context("cannot create the Kafka producer")?;
+    let producer_arbiter = Arbiter::new();
+    let producer = KafkaProducer::start_in_arbiter(&producer_arbiter.handle(), |_| producer);
+    arbiters.push(producer_arbiter);
+
+    let limiter = RateLimiter::new(config.redis.clone(), config.mailbox.rate_limiter);
+    let limiter_arbiter = Arbiter::new();
+    let limiter = RateLimiter::start_in_arbiter(&limiter_arbiter.handle(), |_| limiter);
+    arbiters.push(limiter_arbiter);
+    Ok((limiter, producer))
+}
+
+fn start_consumer_actors(
+    config: &Arc<Config>,
+    pool: &deadpool_postgres::Pool,
+    arbiters: &mut Vec<Arbiter>,
+) -> Addr<ConsumerSupervisor> {
+    let arbiter = Arbiter::new();
+    let writer = DbWriter::new(pool.clone(), config.mailbox.db_writer);
+    let writer = DbWriter::start_in_arbiter(&arbiter.handle(), |_| writer);
+    let supervisor = ConsumerSupervisor::new(Config::clone(config), writer);
+    let supervisor = ConsumerSupervisor::start_in_arbiter(&arbiter.handle(), |_| supervisor);
+    arbiters.push(arbiter);
+    supervisor
+}
+
+fn token_keys(config: &Config) -> TokenKeys {
+    if config.auth.jwt_secret.is_empty() {
+        tracing::warn!(
+            "auth.jwt_secret is not set: using a random secret, so tokens stop working when \
+             logpipe restarts and are not accepted by other instances"
+        );
+    }
+    TokenKeys::new(&config.auth, &TokenKeys::random_secret())
+}
+
+async fn dummy_password_hash() -> anyhow::Result<String> {
+    let hash = web::block(|| auth::hash_password("logpipe dummy password for unknown users"))
+        .await
+        .context("password hashing task failed")?
+        .map_err(|err| anyhow::anyhow!("cannot hash the dummy password: {err}"))?;
+    Ok(hash)
+}
+
+fn http_server(
+    config: &Config,
+    state: web::Data<AppState>,
+    role: Role,
+    handle_signals: bool,
+) -> anyhow::Result<(Server, SocketAddr)> {
+    let ingest = role.runs_api();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(TracingLogger::default())
+            .configure(|cfg| http::routes(cfg, ingest))
+    })
+    .shutdown_timeout(30);
+    if config.http.workers > 0 {
+        server = server.workers(config.http.workers);
+    }
+    if !handle_signals {
+        server = server.disable_signals();
+    }
+    let server = server
+        .bind(&config.http.listen)
+        .with_context(|| format!("cannot listen on http.listen = {}", config.http.listen))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("the HTTP server has no address")?;
+    Ok((server.run(), addr))
+}

@@ -1,0 +1,727 @@
+//! Configuration: `config/logpipe.toml`, overridden by `LOGPIPE_<SECTION>_<KEY>` variables.
+//!
+//! Every field has a default equal to the value in the shipped `config/logpipe.toml` (a test
+//! keeps the two equal). Unknown keys are rejected, and [`Config::validate`] names the setting
+//! whose value is out of range, so a typo or a bad value stops startup instead of being ignored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The prefix of every environment variable that overrides a setting.
+pub const ENV_PREFIX: &str = "LOGPIPE_";
+
+/// A setting that could not be read or is out of range; the message names the setting.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn invalid(setting: &str, problem: impl std::fmt::Display) -> Self {
+        Self(format!("invalid setting {setting}: {problem}"))
+    }
+}
+
+/// The whole configuration, one field per section of `config/logpipe.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
+    pub producer: ProducerConfig,
+    pub consumer: ConsumerConfig,
+    pub db_writer: DbWriterConfig,
+    pub rate_limit: RateLimitConfig,
+    pub auth: AuthConfig,
+    pub mailbox: MailboxConfig,
+    pub log: LogConfig,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address and port to listen on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// Worker threads; 0 means one per CPU core. Default 0.
+    pub workers: usize,
+    /// Largest accepted request body, in bytes. Default 5 MiB.
+    pub body_limit_bytes: usize,
+    /// How long an ingest request may wait for the rate limiter and Kafka before it gets
+    /// 503, in milliseconds. Default 5000.
+    pub ingest_deadline_ms: u64,
+    /// Seconds a client is told to wait (`Retry-After`) after a 503. Default 1.
+    pub retry_after_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            body_limit_bytes: 5 * 1024 * 1024,
+            ingest_deadline_ms: 5000,
+            retry_after_secs: 1,
+        }
+    }
+}
+
+/// The PostgreSQL database holding users, keys and logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL. Default `postgres://logpipe:logpipe@127.0.0.1:5432/logpipe`.
+    pub url: String,
+    /// Connections in the pool. Default 16.
+    pub pool_size: usize,
+    /// How long to wait for a connection, in milliseconds. Default 3000.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://logpipe:logpipe@127.0.0.1:5432/logpipe".into(),
+            pool_size: 16,
+            connect_timeout_ms: 3000,
+        }
+    }
+}
+
+/// The Redis server behind the rate limiter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Connection URL. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// How long one rate-limit decision may wait for Redis, in milliseconds. Default 250.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            timeout_ms: 250,
+        }
+    }
+}
+
+/// The Kafka cluster and topic that carry events from the API to the consumers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated `host:port`. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Topic the events are published to. Default `logpipe.events`.
+    pub topic: String,
+    /// Partitions of the topic when logpipe creates it. Default 3.
+    pub partitions: i32,
+    /// Replication factor of the topic when logpipe creates it. Default 1.
+    pub replication_factor: i32,
+    /// Create the topic at startup if it does not exist. Default true.
+    pub create_topic: bool,
+    /// Client id sent to the brokers. Default `logpipe`.
+    pub client_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "logpipe.events".into(),
+            partitions: 3,
+            replication_factor: 1,
+            create_topic: true,
+            client_id: "logpipe".into(),
+        }
+    }
+}
+
+/// The Kafka producer used by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerConfig {
+    /// Time the producer waits to fill a batch, in milliseconds (`linger.ms`). Default 5.
+    pub linger_ms: u64,
+    /// Time after which an unacknowledged event counts as failed, in milliseconds
+    /// (`delivery.timeout.ms`). Keep it below `http.ingest_deadline_ms`. Default 4000.
+    pub delivery_timeout_ms: u64,
+    /// Events the producer may hold before new ones are rejected with 503
+    /// (`queue.buffering.max.messages`). Default 100000.
+    pub queue_max_messages: u64,
+    /// Compression codec: `none`, `gzip`, `snappy`, `lz4` or `zstd`. Default `lz4`.
+    pub compression: String,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            linger_ms: 5,
+            delivery_timeout_ms: 4000,
+            queue_max_messages: 100_000,
+            compression: "lz4".into(),
+        }
+    }
+}
+
+/// The Kafka consumers that feed `DbWriter`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Consumer group id. Default `logpipe`.
+    pub group_id: String,
+    /// Consumers this process runs in the group. Default 2.
+    pub consumers: usize,
+    /// Group session timeout, in milliseconds (`session.timeout.ms`). Default 10000.
+    pub session_timeout_ms: u64,
+    /// Delay before a failed consumer is started again, in milliseconds. Default 1000.
+    pub restart_delay_ms: u64,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "logpipe".into(),
+            consumers: 2,
+            session_timeout_ms: 10_000,
+            restart_delay_ms: 1000,
+        }
+    }
+}
+
+/// How consumed events are grouped into PostgreSQL transactions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DbWriterConfig {
+    /// Most events written in one transaction. Default 1000.
+    pub batch_size: usize,
+    /// Longest time a consumed event waits for its batch to fill, in milliseconds.
+    /// Default 200.
+    pub flush_interval_ms: u64,
+    /// Delay between attempts to write a batch while PostgreSQL fails, in milliseconds.
+    /// Default 1000.
+    pub retry_delay_ms: u64,
+}
+
+impl Default for DbWriterConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            flush_interval_ms: 200,
+            retry_delay_ms: 1000,
+        }
+    }
+}
+
+/// The per-key request rate limit on `POST /api/logs/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Requests per minute per API key. Default 100.
+    pub requests_per_minute: u32,
+    /// Requests a key may make at once after being idle; 0 means equal to
+    /// `requests_per_minute`. Default 0.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_minute: 100,
+            burst: 0,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Returns the burst in effect: `burst`, or the per-minute limit when `burst` is 0.
+    pub fn effective_burst(&self) -> u32 {
+        if self.burst == 0 {
+            self.requests_per_minute
+        } else {
+            self.burst
+        }
+    }
+}
+
+/// Accounts and tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Secret that signs the JWTs (HS256), at least 32 bytes. Empty means a random one
+    /// per start, so tokens do not survive a restart. Default empty.
+    pub jwt_secret: String,
+    /// Lifetime of an access token, in seconds. Default 900 (15 minutes).
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token, in seconds. Default 604800 (7 days).
+    pub refresh_token_ttl_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            access_token_ttl_secs: 900,
+            refresh_token_ttl_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// Mailbox capacities: messages an actor may have queued before senders get 503.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxConfig {
+    /// `RateLimiter` mailbox capacity. Default 1024.
+    pub rate_limiter: usize,
+    /// `KafkaProducer` mailbox capacity. Default 1024.
+    pub kafka_producer: usize,
+    /// `DbWriter` mailbox capacity. Default 64.
+    pub db_writer: usize,
+    /// `ConsumerSupervisor` mailbox capacity. Default 16.
+    pub consumer_supervisor: usize,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        Self {
+            rate_limiter: 1024,
+            kafka_producer: 1024,
+            db_writer: 64,
+            consumer_supervisor: 16,
+        }
+    }
+}
+
+/// logpipe's own log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Filter in `RUST_LOG` syntax. `RUST_LOG`, when set, wins. Default `info`.
+    pub level: String,
+    /// Output format: `text` or `json`. Default `text`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file at `path` (or only the defaults when `path` is `None`), applies the
+    /// `LOGPIPE_*` variables of `env`, and validates the result.
+    pub fn load<I>(path: Option<&Path>, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut table = match path {
+            Some(path) => read_table(path)?,
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|err: toml::de::Error| ConfigError(format!("invalid configuration: {err}")))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        SocketAddr::from_str(&self.http.listen)
+            .map_err(|err| ConfigError::invalid("http.listen", err))?;
+        at_least(
+            "http.body_limit_bytes",
+            self.http.body_limit_bytes as u64,
+            1024,
+        )?;
+        at_least("http.ingest_deadline_ms", self.http.ingest_deadline_ms, 100)?;
+        at_least("http.retry_after_secs", self.http.retry_after_secs, 1)?;
+        tokio_postgres::Config::from_str(&self.postgres.url)
+            .map_err(|err| ConfigError::invalid("postgres.url", err))?;
+        at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
+        at_least(
+            "postgres.connect_timeout_ms",
+            self.postgres.connect_timeout_ms,
+            1,
+        )?;
+        redis::Client::open(self.redis.url.as_str())
+            .map_err(|err| ConfigError::invalid("redis.url", err))?;
+        at_least("redis.timeout_ms", self.redis.timeout_ms, 1)?;
+        self.validate_kafka()?;
+        at_least("db_writer.batch_size", self.db_writer.batch_size as u64, 1)?;
+        at_most(
+            "db_writer.batch_size",
+            self.db_writer.batch_size as u64,
+            50_000,
+        )?;
+        at_least(
+            "db_writer.flush_interval_ms",
+            self.db_writer.flush_interval_ms,
+            1,
+        )?;
+        at_least("db_writer.retry_delay_ms", self.db_writer.retry_delay_ms, 1)?;
+        at_least(
+            "rate_limit.requests_per_minute",
+            self.rate_limit.requests_per_minute.into(),
+            1,
+        )?;
+        self.validate_auth()?;
+        at_least("mailbox.rate_limiter", self.mailbox.rate_limiter as u64, 1)?;
+        at_least(
+            "mailbox.kafka_producer",
+            self.mailbox.kafka_producer as u64,
+            1,
+        )?;
+        at_least("mailbox.db_writer", self.mailbox.db_writer as u64, 1)?;
+        at_least(
+            "mailbox.consumer_supervisor",
+            self.mailbox.consumer_supervisor as u64,
+            1,
+        )?;
+        one_of("log.format", &self.log.format, &["text", "json"])?;
+        Ok(())
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        not_empty("kafka.brokers", &self.kafka.brokers)?;
+        not_empty("kafka.topic", &self.kafka.topic)?;
+        let topic_ok = self.kafka.topic.len() <= 249
+            && self
+                .kafka
+                .topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !topic_ok {
+            return Err(ConfigError::invalid(
+                "kafka.topic",
+                "use at most 249 characters of letters, digits, '.', '_' and '-'",
+            ));
+        }
+        at_least("kafka.partitions", self.kafka.partitions as u64, 1)?;
+        at_least(
+            "kafka.replication_factor",
+            self.kafka.replication_factor as u64,
+            1,
+        )?;
+        not_empty("kafka.client_id", &self.kafka.client_id)?;
+        at_least(
+            "producer.delivery_timeout_ms",
+            self.producer.delivery_timeout_ms,
+            1,
+        )?;
+        if self.producer.delivery_timeout_ms >= self.http.ingest_deadline_ms {
+            return Err(ConfigError::invalid(
+                "producer.delivery_timeout_ms",
+                format!(
+                    "must be below http.ingest_deadline_ms ({} ms), so that a request never \
+                     times out while its events may still be delivered",
+                    self.http.ingest_deadline_ms
+                ),
+            ));
+        }
+        at_least(
+            "producer.queue_max_messages",
+            self.producer.queue_max_messages,
+            1,
+        )?;
+        one_of(
+            "producer.compression",
+            &self.producer.compression,
+            &["none", "gzip", "snappy", "lz4", "zstd"],
+        )?;
+        not_empty("consumer.group_id", &self.consumer.group_id)?;
+        at_least("consumer.consumers", self.consumer.consumers as u64, 1)?;
+        at_least(
+            "consumer.session_timeout_ms",
+            self.consumer.session_timeout_ms,
+            1000,
+        )?;
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let secret_len = self.auth.jwt_secret.len();
+        if secret_len > 0 && secret_len < 32 {
+            return Err(ConfigError::invalid(
+                "auth.jwt_secret",
+                format!("must be at least 32 bytes long (got {secret_len}), or empty"),
+            ));
+        }
+        at_least(
+            "auth.access_token_ttl_secs",
+            self.auth.access_token_ttl_secs,
+            1,
+        )?;
+        at_least(
+            "auth.refresh_token_ttl_secs",
+            self.auth.refresh_token_ttl_secs,
+            1,
+        )?;
+        Ok(())
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigError(format!(
+            "cannot read configuration file {}: {err}",
+            path.display()
+        ))
+    })?;
+    toml::from_str(&text).map_err(|err| {
+        ConfigError(format!(
+            "invalid configuration file {}: {err}",
+            path.display()
+        ))
+    })
+}
+
+/// Applies each `LOGPIPE_<SECTION>_<KEY>` variable to `table`, parsing the value as the
+/// type of that setting's default. `LOGPIPE_CONFIG` names the file and is skipped here.
+fn apply_env<I>(table: &mut toml::Table, env: I) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let defaults = default_table();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest == "CONFIG" {
+            continue;
+        }
+        let (section, key, default) = find_setting(&defaults, rest).ok_or_else(|| {
+            ConfigError(format!("unknown setting in environment variable {name}"))
+        })?;
+        let value = parse_env_value(default, &raw).ok_or_else(|| {
+            ConfigError(format!(
+                "invalid setting {section}.{key} from {name}: cannot read {raw:?} as {}",
+                default.type_str()
+            ))
+        })?;
+        let section_table = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(section_table) => {
+                section_table.insert(key, value);
+            }
+            _ => {
+                return Err(ConfigError(format!(
+                    "invalid configuration: {section} is not a section"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn default_table() -> toml::Table {
+    toml::Table::try_from(Config::default()).unwrap_or_default()
+}
+
+/// Splits `HTTP_BODY_LIMIT_BYTES` into the section and key it names, if any.
+fn find_setting<'a>(
+    defaults: &'a toml::Table,
+    rest: &str,
+) -> Option<(String, String, &'a toml::Value)> {
+    for (section, value) in defaults {
+        let toml::Value::Table(keys) = value else {
+            continue;
+        };
+        let Some(key) = rest
+            .strip_prefix(&section.to_ascii_uppercase())
+            .and_then(|key| key.strip_prefix('_'))
+        else {
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if let Some(default) = keys.get(&key) {
+            return Some((section.clone(), key, default));
+        }
+    }
+    None
+}
+
+fn parse_env_value(default: &toml::Value, raw: &str) -> Option<toml::Value> {
+    let raw = raw.trim();
+    match default {
+        toml::Value::String(_) => Some(toml::Value::String(raw.to_string())),
+        toml::Value::Integer(_) => raw.replace('_', "").parse().ok().map(toml::Value::Integer),
+        toml::Value::Boolean(_) => match raw.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(toml::Value::Boolean(true)),
+            "false" | "0" | "no" | "off" => Some(toml::Value::Boolean(false)),
+            _ => None,
+        },
+        toml::Value::Float(_) => raw.parse().ok().map(toml::Value::Float),
+        _ => None,
+    }
+}
+
+fn at_least(setting: &str, value: u64, min: u64) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("must be at least {min} (got {value})"),
+        ));
+    }
+    Ok(())
+}
+
+fn at_most(setting: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("must be at most {max} (got {value})"),
+        ));
+    }
+    Ok(())
+}
+
+fn not_empty(setting: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        return Err(ConfigError::invalid(setting, "must not be empty"));
+    }
+    Ok(())
+}
+
+fn one_of(setting: &str, value: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    if !allowed.contains(&value) {
+        return Err(ConfigError::invalid(
+            setting,
+            format!("must be one of {} (got {value:?})", allowed.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn shipped_file() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/logpipe.toml")
+    }
+
+    #[test]
+    fn shipped_file_equals_defaults() {
+        let config = Config::load(Some(&shipped_file()), Vec::new()).expect("shipped config loads");
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn shipped_file_sets_every_key() {
+        let text = std::fs::read_to_string(shipped_file()).expect("shipped config readable");
+        let shipped: toml::Table = toml::from_str(&text).expect("shipped config parses");
+        for (section, keys) in default_table() {
+            let toml::Value::Table(keys) = keys else {
+                continue;
+            };
+            let shipped_section = shipped.get(&section).and_then(|v| v.as_table());
+            assert!(
+                shipped_section.is_some(),
+                "section [{section}] missing from the file"
+            );
+            for key in keys.keys() {
+                let present = shipped_section.is_some_and(|s| s.contains_key(key));
+                assert!(present, "{section}.{key} missing from the file");
+            }
+        }
+    }
+
+    #[test]
+    fn env_overrides_each_type() {
+        let vars = env(&[
+            ("LOGPIPE_HTTP_LISTEN", "0.0.0.0:9000"),
+            ("LOGPIPE_POSTGRES_POOL_SIZE", "4"),
+            ("LOGPIPE_KAFKA_CREATE_TOPIC", "false"),
+            ("LOGPIPE_DB_WRITER_BATCH_SIZE", "250"),
+            ("LOGPIPE_RATE_LIMIT_REQUESTS_PER_MINUTE", "7"),
+            ("LOGPIPE_CONFIG", "ignored.toml"),
+            ("PATH", "/bin"),
+        ]);
+        let config = Config::load(None, vars).expect("valid overrides");
+        assert_eq!(config.http.listen, "0.0.0.0:9000");
+        assert_eq!(config.postgres.pool_size, 4);
+        assert!(!config.kafka.create_topic);
+        assert_eq!(config.db_writer.batch_size, 250);
+        assert_eq!(config.rate_limit.requests_per_minute, 7);
+    }
+
+    #[test]
+    fn env_bad_integer_names_setting() {
+        let err = Config::load(None, env(&[("LOGPIPE_POSTGRES_POOL_SIZE", "many")])).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("postgres.pool_size"), "{message}");
+        assert!(message.contains("LOGPIPE_POSTGRES_POOL_SIZE"), "{message}");
+    }
+
+    #[test]
+    fn env_unknown_setting_rejected() {
+        let err = Config::load(None, env(&[("LOGPIPE_HTTP_LISTENER", "x")])).unwrap_err();
+        assert!(err.to_string().contains("LOGPIPE_HTTP_LISTENER"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_setting() {
+        let cases = [
+            ("LOGPIPE_HTTP_LISTEN", "not an address", "http.listen"),
+            ("LOGPIPE_POSTGRES_POOL_SIZE", "0", "postgres.pool_size"),
+            ("LOGPIPE_REDIS_URL", "http://x", "redis.url"),
+            ("LOGPIPE_KAFKA_TOPIC", "bad topic!", "kafka.topic"),
+            (
+                "LOGPIPE_PRODUCER_COMPRESSION",
+                "brotli",
+                "producer.compression",
+            ),
+            (
+                "LOGPIPE_PRODUCER_DELIVERY_TIMEOUT_MS",
+                "9000",
+                "producer.delivery_timeout_ms",
+            ),
+            ("LOGPIPE_AUTH_JWT_SECRET", "short", "auth.jwt_secret"),
+            ("LOGPIPE_LOG_FORMAT", "xml", "log.format"),
+            ("LOGPIPE_MAILBOX_DB_WRITER", "0", "mailbox.db_writer"),
+        ];
+        for (name, value, setting) in cases {
+            let err = Config::load(None, env(&[(name, value)])).unwrap_err();
+            assert!(err.to_string().contains(setting), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_file_rejected() {
+        let dir = std::env::temp_dir().join(format!("logpipe-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("typo.toml");
+        std::fs::write(&path, "[http]\nlisten_addr = \"127.0.0.1:1\"\n").expect("write");
+        let err = Config::load(Some(&path), Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn burst_zero_means_limit() {
+        let limits = RateLimitConfig {
+            requests_per_minute: 60,
+            burst: 0,
+        };
+        assert_eq!(limits.effective_burst(), 60);
+    }
+}

@@ -1,0 +1,78 @@
+//! `GET /healthz` (the process is alive) and `GET /readyz` (its dependencies answer).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+use crate::actors::consumer_supervisor::Status;
+use crate::actors::{call, kafka_producer, rate_limiter};
+
+/// How long one readiness check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// Checks each dependency this process uses; 503 names the ones that fail.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let mut checks = BTreeMap::new();
+    checks.insert("postgres", check_postgres(&state).await);
+    if let Some(limiter) = &state.rate_limiter {
+        let answer = call(limiter, |reply| rate_limiter::Ping { reply }, CHECK_TIMEOUT).await;
+        checks.insert("redis", matches!(answer, Ok(Ok(()))));
+    }
+    if let Some(producer) = &state.producer {
+        let answer = call(
+            producer,
+            |reply| kafka_producer::Ping { reply },
+            CHECK_TIMEOUT,
+        )
+        .await;
+        checks.insert("kafka", matches!(answer, Ok(Ok(()))));
+    }
+    if let Some(supervisor) = &state.supervisor {
+        let running = call(supervisor, |reply| Status { reply }, CHECK_TIMEOUT).await;
+        let wanted = state.config.consumer.consumers;
+        checks.insert("consumers", running.is_ok_and(|running| running == wanted));
+    }
+
+    let failing: Vec<&str> = checks
+        .iter()
+        .filter(|(_, ok)| !**ok)
+        .map(|(name, _)| *name)
+        .collect();
+    let report: BTreeMap<&str, &str> = checks
+        .iter()
+        .map(|(name, ok)| (*name, if *ok { "ok" } else { "unavailable" }))
+        .collect();
+    if failing.is_empty() {
+        return HttpResponse::Ok().json(json!({"status": "ready", "checks": report}));
+    }
+    HttpResponse::ServiceUnavailable()
+        .insert_header((
+            "Retry-After",
+            state.config.http.retry_after_secs.to_string(),
+        ))
+        .json(json!({
+            "error": {
+                "code": "unavailable",
+                "message": format!("not ready: {} unavailable", failing.join(", ")),
+            },
+            "checks": report,
+        }))
+}
+
+async fn check_postgres(state: &AppState) -> bool {
+    let check = async {
+        let client = state.accounts.pool().get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok()
+    };
+    matches!(
+        tokio::time::timeout(CHECK_TIMEOUT, check).await,
+        Ok(Some(_))
+    )
+}

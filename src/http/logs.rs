@@ -1,0 +1,228 @@
+//! `POST /api/logs/`: authenticate the API key, rate-limit, validate, publish, answer 202.
+//!
+//! The 202 is sent only after Kafka acknowledged every event of the request. A request
+//! with any invalid event is rejected whole and nothing of it is published.
+
+use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
+use chrono::{TimeDelta, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::AppState;
+use crate::accounts::ApiKeyRecord;
+use crate::actors::kafka_producer::{self, Publish, PublishError};
+use crate::actors::rate_limiter::{Check, Decision};
+use crate::actors::{call, CallError};
+use crate::auth;
+use crate::error::ApiError;
+use crate::event::{self, Owner, ParseError};
+
+/// The header that carries the API key.
+pub const API_KEY_HEADER: &str = "API-KEY";
+
+/// `last_used_at` is written at most this often per key, to keep writes off the hot path.
+const TOUCH_INTERVAL: TimeDelta = TimeDelta::seconds(60);
+
+#[derive(Serialize)]
+struct Accepted {
+    accepted: usize,
+    ids: Vec<Uuid>,
+}
+
+/// Ingests one event or an array of events.
+pub async fn ingest(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let received_at = Utc::now();
+    let key = authenticate_key(&state, &req).await?;
+
+    let decision = rate_limit(&state, &key).await?;
+    if !decision.allowed {
+        return Ok(rate_limited(&decision));
+    }
+
+    let body = read_body(&req, payload, state.config.http.body_limit_bytes).await?;
+    let owner = Owner {
+        user_id: key.user_id,
+        api_key_id: key.id,
+    };
+    let events = event::parse_events(&body, owner, received_at).map_err(|err| match err {
+        ParseError::InvalidJson(message) => ApiError::InvalidJson(message),
+        ParseError::Empty => ApiError::field("body", err.to_string()),
+        ParseError::Invalid(errors) => ApiError::InvalidEvents(errors),
+    })?;
+
+    let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
+    publish(&state, &events).await?;
+
+    let mut response = HttpResponse::Accepted();
+    rate_limit_headers(&mut response, &decision);
+    Ok(response.json(Accepted {
+        accepted: ids.len(),
+        ids,
+    }))
+}
+
+/// Finds the active key named by the `API-KEY` header.
+async fn authenticate_key(state: &AppState, req: &HttpRequest) -> Result<ApiKeyRecord, ApiError> {
+    let secret = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|secret| !secret.is_empty())
+        .ok_or(ApiError::Unauthorized("missing API-KEY header"))?;
+    let hash = auth::sha256(secret);
+    let record = state
+        .accounts
+        .find_api_key(&hash)
+        .await
+        .map_err(|err| ApiError::internal("cannot look up API key", err))?;
+    let invalid = ApiError::Unauthorized("invalid or revoked API key");
+    let record = record.ok_or(invalid)?;
+    if !auth::hashes_equal(&record.key_hash, &hash) || !record.active {
+        return Err(ApiError::Unauthorized("invalid or revoked API key"));
+    }
+    touch_key(state, &record);
+    Ok(record)
+}
+
+/// Records the key's use in the background, at most once per `TOUCH_INTERVAL`.
+fn touch_key(state: &AppState, record: &ApiKeyRecord) {
+    let recent = record
+        .last_used_at
+        .is_some_and(|used| Utc::now() - used < TOUCH_INTERVAL);
+    if recent {
+        return;
+    }
+    let accounts = state.accounts.clone();
+    let key_id = record.id;
+    actix_web::rt::spawn(async move {
+        if let Err(err) = accounts.touch_api_key(key_id).await {
+            tracing::debug!(key_id, error = %err, "cannot record API key use");
+        }
+    });
+}
+
+async fn rate_limit(state: &AppState, key: &ApiKeyRecord) -> Result<Decision, ApiError> {
+    let limiter = state.rate_limiter.as_ref().ok_or_else(|| {
+        ApiError::internal("rate limiter missing", "API role without RateLimiter")
+    })?;
+    let limits = &state.config.rate_limit;
+    let limit = key
+        .rate_limit_per_minute
+        .and_then(|limit| u32::try_from(limit).ok())
+        .unwrap_or(limits.requests_per_minute);
+    let burst = if key.rate_limit_per_minute.is_some() {
+        limit
+    } else {
+        limits.effective_burst()
+    };
+    let build = |reply| Check {
+        key_id: key.id,
+        limit_per_minute: limit,
+        burst,
+        reply,
+    };
+    match call(limiter, build, state.ingest_deadline()).await {
+        Ok(Ok(decision)) => Ok(decision),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "rate limit decision failed");
+            Err(ApiError::Unavailable {
+                what: "rate limiter",
+                retry_after: state.retry_after(),
+            })
+        }
+        Err(err) => Err(state.unavailable("rate limiter", err)),
+    }
+}
+
+/// The rate-limit header fields (`RateLimit-Limit`, `-Remaining`, `-Reset`) of every
+/// `/api/logs/` answer, lowercase as HTTP/2 requires.
+fn rate_limit_header_values(decision: &Decision) -> [(&'static str, String); 3] {
+    let reset = decision.reset_after.as_secs() + u64::from(decision.reset_after.subsec_nanos() > 0);
+    [
+        ("ratelimit-limit", decision.limit.to_string()),
+        ("ratelimit-remaining", decision.remaining.to_string()),
+        ("ratelimit-reset", reset.to_string()),
+    ]
+}
+
+fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
+    for header in rate_limit_header_values(decision) {
+        response.insert_header(header);
+    }
+}
+
+/// The 429 answer: the JSON error with `Retry-After` and the rate-limit fields.
+fn rate_limited(decision: &Decision) -> HttpResponse {
+    let error = ApiError::RateLimited {
+        limit: decision.limit,
+        retry_after: decision.retry_after,
+    };
+    let mut response = error.error_response();
+    for (name, value) in rate_limit_header_values(decision) {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+    response
+}
+
+/// Reads the body, failing with 413 as soon as it exceeds `limit` bytes.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
+    let too_large = ApiError::PayloadTooLarge { limit };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large);
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(8192).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|err| ApiError::InvalidJson(format!("cannot read body: {err}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiError> {
+    let producer = state
+        .producer
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("producer missing", "API role without KafkaProducer"))?;
+    let records = events
+        .iter()
+        .map(kafka_producer::encode)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| ApiError::internal("cannot encode event", err))?;
+    let build = |reply| Publish { records, reply };
+    match call(producer, build, state.ingest_deadline()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(PublishError::QueueFull)) => Err(state.unavailable("kafka", CallError::Full)),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, events = events.len(), "publish failed");
+            Err(ApiError::Unavailable {
+                what: "kafka",
+                retry_after: state.retry_after(),
+            })
+        }
+        Err(err) => Err(state.unavailable("kafka", err)),
+    }
+}

@@ -1,0 +1,159 @@
+//! The HTTP API: routes, shared state and the extractors that authenticate requests.
+//!
+//! Each route states what it needs where it is built: a Bearer access JWT ([`AuthUser`]),
+//! an `API-KEY` header (checked in the ingest handler), and its own body limit. Every
+//! path is served with and without its trailing slash.
+
+pub mod auth;
+pub mod health;
+pub mod keys;
+pub mod logs;
+
+use std::future::{ready, Ready};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::dev::Payload;
+use actix_web::error::JsonPayloadError;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+
+use crate::accounts::Accounts;
+use crate::actors::consumer_supervisor::ConsumerSupervisor;
+use crate::actors::kafka_producer::KafkaProducer;
+use crate::actors::rate_limiter::RateLimiter;
+use crate::actors::CallError;
+use crate::auth::{TokenKeys, TokenType};
+use crate::config::Config;
+use crate::error::ApiError;
+
+/// Largest body of the account endpoints, in bytes.
+const ACCOUNT_BODY_LIMIT: usize = 16 * 1024;
+
+/// What every handler can reach. Actors are absent in a role that does not run them.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub accounts: Accounts,
+    pub tokens: TokenKeys,
+    /// An argon2id hash checked when a login names an unknown user, so that a wrong
+    /// username takes as long as a wrong password.
+    pub dummy_password_hash: String,
+    pub rate_limiter: Option<Addr<RateLimiter>>,
+    pub producer: Option<Addr<KafkaProducer>>,
+    pub supervisor: Option<Addr<ConsumerSupervisor>>,
+}
+
+impl AppState {
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(self.config.http.retry_after_secs)
+    }
+
+    pub fn ingest_deadline(&self) -> Duration {
+        Duration::from_millis(self.config.http.ingest_deadline_ms)
+    }
+
+    /// The 503 for an actor that gave no answer.
+    pub fn unavailable(&self, what: &'static str, err: CallError) -> ApiError {
+        tracing::warn!(actor = what, error = %err, "request rejected with 503");
+        ApiError::Unavailable {
+            what,
+            retry_after: self.retry_after(),
+        }
+    }
+}
+
+/// Registers every route of the API (`ingest` false: only the health routes).
+pub fn routes(cfg: &mut web::ServiceConfig, ingest: bool) {
+    cfg.service(resource(&["/healthz"]).route(web::get().to(health::healthz)))
+        .service(resource(&["/readyz"]).route(web::get().to(health::readyz)));
+    if ingest {
+        api_routes(cfg);
+    }
+    cfg.default_service(web::to(not_found));
+}
+
+fn api_routes(cfg: &mut web::ServiceConfig) {
+    let account_json = web::JsonConfig::default()
+        .limit(ACCOUNT_BODY_LIMIT)
+        .error_handler(json_error);
+    cfg.service(
+        web::scope("/api/auth")
+            .app_data(account_json.clone())
+            .service(resource(&["/signup/", "/signup"]).route(web::post().to(auth::signup)))
+            .service(resource(&["/login/", "/login"]).route(web::post().to(auth::login)))
+            .service(resource(&["/refresh/", "/refresh"]).route(web::post().to(auth::refresh))),
+    )
+    .service(
+        resource(&["/api/key/", "/api/key"])
+            .app_data(account_json)
+            .route(web::post().to(keys::create)),
+    )
+    .service(resource(&["/api/keys/list/", "/api/keys/list"]).route(web::get().to(keys::list)))
+    .service(resource(&["/api/logs/", "/api/logs"]).route(web::post().to(logs::ingest)));
+}
+
+/// A resource that answers a wrong method with the JSON 405.
+fn resource(paths: &[&str]) -> actix_web::Resource {
+    let paths: Vec<String> = paths.iter().map(|path| path.to_string()).collect();
+    web::resource(paths).default_service(web::to(method_not_allowed))
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// Maps a JSON body that cannot be read to the API's error shape.
+fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let api_error = match err {
+        JsonPayloadError::OverflowKnownLength { limit, .. }
+        | JsonPayloadError::Overflow { limit } => ApiError::PayloadTooLarge { limit },
+        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
+        JsonPayloadError::Deserialize(err) => ApiError::InvalidJson(err.to_string()),
+        other => ApiError::InvalidJson(other.to_string()),
+    };
+    api_error.into()
+}
+
+/// The user of a request with a valid Bearer access token.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser(pub i64);
+
+impl FromRequest for AuthUser {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
+        ready(authenticate(req))
+    }
+}
+
+fn authenticate(req: &HttpRequest) -> Result<AuthUser, ApiError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal("missing app state", "AuthUser used without AppState"))?;
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .ok_or(ApiError::Unauthorized(
+            "missing Authorization: Bearer header",
+        ))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(ApiError::Unauthorized(
+            "Authorization header must be 'Bearer <access token>'",
+        ))?;
+    let claims = state
+        .tokens
+        .verify(token.trim(), TokenType::Access)
+        .map_err(|_| ApiError::Unauthorized("invalid or expired access token"))?;
+    let user_id = claims
+        .user_id()
+        .ok_or(ApiError::Unauthorized("invalid or expired access token"))?;
+    Ok(AuthUser(user_id))
+}

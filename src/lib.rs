@@ -1,0 +1,19 @@
+//! logpipe: log events in over HTTP, through Kafka, into PostgreSQL.
+//!
+//! Services post events to `POST /api/logs/` with an API key. The [`actors`] check the
+//! key's rate limit, publish the events to Kafka and answer only once Kafka acknowledged
+//! them; a consumer group reads the topic and writes the events into PostgreSQL in
+//! batches, committing offsets only after each batch committed.
+
+pub mod accounts;
+pub mod actors;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod kafka;
+pub mod replay;
+pub mod telemetry;
