@@ -14,7 +14,7 @@ const OWNER: Owner = Owner {
     api_key_id: 1,
 };
 
-/// The first `count` events of the HDFS sample, as one JSON array body.
+/// Builds a JSON array body of the first `count` events of the HDFS sample.
 fn body_of(count: usize) -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loghub/hdfs.ndjson");
     let text = std::fs::read_to_string(path).expect("sample file");

@@ -2,6 +2,10 @@
 //!
 //! Each statement lives in `sql/queries/` and is prepared once per pooled connection.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
@@ -15,6 +19,8 @@ const INSERT_API_KEY: &str = include_str!("../sql/queries/insert_api_key.sql");
 const LIST_API_KEYS: &str = include_str!("../sql/queries/list_api_keys.sql");
 const FIND_API_KEY: &str = include_str!("../sql/queries/find_api_key.sql");
 const TOUCH_API_KEY: &str = include_str!("../sql/queries/touch_api_key.sql");
+const UPDATE_API_KEY_LIMIT: &str = include_str!("../sql/queries/update_api_key_limit.sql");
+const REVOKE_API_KEY: &str = include_str!("../sql/queries/revoke_api_key.sql");
 const INSERT_REFRESH_TOKEN: &str = include_str!("../sql/queries/insert_refresh_token.sql");
 const USE_REFRESH_TOKEN: &str = include_str!("../sql/queries/use_refresh_token.sql");
 const REVOKE_USER_REFRESH_TOKENS: &str =
@@ -143,6 +149,29 @@ impl Accounts {
         }))
     }
 
+    /// Sets or clears (`None`) the own limit of a key of `user_id`; `None` when the user
+    /// has no such key.
+    pub async fn set_api_key_limit(
+        &self,
+        key_id: i64,
+        user_id: i64,
+        limit: Option<i32>,
+    ) -> Result<Option<ApiKeyInfo>, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(UPDATE_API_KEY_LIMIT).await?;
+        let row = client
+            .query_opt(&statement, &[&key_id, &user_id, &limit])
+            .await?;
+        Ok(row.as_ref().map(api_key_info))
+    }
+
+    /// Revokes a key of `user_id`; false when the user has no such key.
+    pub async fn revoke_api_key(&self, key_id: i64, user_id: i64) -> Result<bool, AccountError> {
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(REVOKE_API_KEY).await?;
+        Ok(client.execute(&statement, &[&key_id, &user_id]).await? == 1)
+    }
+
     /// Records that a key was used now.
     pub async fn touch_api_key(&self, key_id: i64) -> Result<(), AccountError> {
         let client = self.pool.get().await?;
@@ -209,5 +238,69 @@ fn unique_violation(err: tokio_postgres::Error) -> AccountError {
         Some("users_username_key") => AccountError::UsernameTaken,
         Some("users_email_key") => AccountError::EmailTaken,
         _ => AccountError::Postgres(err),
+    }
+}
+
+/// Entries the API-key cache holds before it drops expired ones, and all if none expired.
+const KEY_CACHE_MAX_ENTRIES: usize = 50_000;
+
+/// API-key lookups by hash, each kept for a fixed time (`auth.api_key_cache_ms`), unknown
+/// keys included, so that the ingest path does not query PostgreSQL on every request.
+/// A revoked key or a changed limit takes effect on every instance once its entry expires.
+pub struct ApiKeyCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<Vec<u8>, CachedKey>>,
+}
+
+/// When a key was looked up, and what was found (`None`: no such key).
+type CachedKey = (Instant, Option<ApiKeyRecord>);
+
+impl ApiKeyCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns the key with this hash, from the cache while its entry is fresh.
+    pub async fn find(
+        &self,
+        accounts: &Accounts,
+        key_hash: &[u8],
+    ) -> Result<Option<ApiKeyRecord>, AccountError> {
+        if let Some(cached) = self.cached(key_hash) {
+            return Ok(cached);
+        }
+        let record = accounts.find_api_key(key_hash).await?;
+        self.store(key_hash, record.clone());
+        Ok(record)
+    }
+
+    fn cached(&self, key_hash: &[u8]) -> Option<Option<ApiKeyRecord>> {
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (fetched, record) = entries.get(key_hash)?;
+        (fetched.elapsed() < self.ttl).then(|| record.clone())
+    }
+
+    fn store(&self, key_hash: &[u8], record: Option<ApiKeyRecord>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if entries.len() >= KEY_CACHE_MAX_ENTRIES {
+            let ttl = self.ttl;
+            entries.retain(|_, (fetched, _)| fetched.elapsed() < ttl);
+            if entries.len() >= KEY_CACHE_MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(key_hash.to_vec(), (Instant::now(), record));
     }
 }

@@ -4,14 +4,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Arbiter};
+use actix::{Actor, Addr, Arbiter, Supervisor};
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tokio::sync::oneshot;
 use tracing_actix_web::TracingLogger;
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::{ConsumerSupervisor, Stop};
 use crate::actors::db_writer::DbWriter;
 use crate::actors::kafka_producer::KafkaProducer;
@@ -102,7 +102,8 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
         accounts: Accounts::new(pool),
-        tokens: token_keys(&config),
+        api_keys: ApiKeyCache::new(Duration::from_millis(config.auth.api_key_cache_ms)),
+        tokens: token_keys(&config, role),
         dummy_password_hash: dummy_password_hash().await?,
         rate_limiter,
         producer,
@@ -132,9 +133,13 @@ fn start_api_actors(
     let producer = KafkaProducer::start_in_arbiter(&producer_arbiter.handle(), |_| producer);
     arbiters.push(producer_arbiter);
 
-    let limiter = RateLimiter::new(config.redis.clone(), config.mailbox.rate_limiter);
+    let redis = config.redis.clone();
+    let limits = config.rate_limit.clone();
+    let capacity = config.mailbox.rate_limiter;
     let limiter_arbiter = Arbiter::new();
-    let limiter = RateLimiter::start_in_arbiter(&limiter_arbiter.handle(), |_| limiter);
+    let limiter = Supervisor::start_in_arbiter(&limiter_arbiter.handle(), move |_| {
+        RateLimiter::new(redis, limits, capacity)
+    });
     arbiters.push(limiter_arbiter);
     Ok((limiter, producer))
 }
@@ -153,8 +158,8 @@ fn start_consumer_actors(
     supervisor
 }
 
-fn token_keys(config: &Config) -> TokenKeys {
-    if config.auth.jwt_secret.is_empty() {
+fn token_keys(config: &Config, role: Role) -> TokenKeys {
+    if config.auth.jwt_secret.is_empty() && role.runs_api() {
         tracing::warn!(
             "auth.jwt_secret is not set: using a random secret, so tokens stop working when \
              logpipe restarts and are not accepted by other instances"

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// The prefix of every environment variable that overrides a setting.
 pub const ENV_PREFIX: &str = "LOGPIPE_";
 
+/// `LOGPIPE_` variables that are not settings: the configuration file and the API key of
+/// `logpipe replay`.
+const NOT_SETTINGS: &[&str] = &["CONFIG", "API_KEY"];
+
 /// A setting that could not be read or is out of range; the message names the setting.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -54,7 +58,7 @@ pub struct HttpConfig {
     /// How long an ingest request may wait for the rate limiter and Kafka before it gets
     /// 503, in milliseconds. Default 5000.
     pub ingest_deadline_ms: u64,
-    /// Seconds a client is told to wait (`Retry-After`) after a 503. Default 1.
+    /// Seconds a client should wait (`Retry-After`) after a 503. Default 1.
     pub retry_after_secs: u64,
 }
 
@@ -98,7 +102,8 @@ impl Default for PostgresConfig {
 pub struct RedisConfig {
     /// Connection URL. Default `redis://127.0.0.1:6379`.
     pub url: String,
-    /// How long one rate-limit decision may wait for Redis, in milliseconds. Default 250.
+    /// How long one rate-limit decision may wait for Redis before
+    /// `rate_limit.on_store_error` applies, in milliseconds. Default 50.
     pub timeout_ms: u64,
 }
 
@@ -106,7 +111,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
-            timeout_ms: 250,
+            timeout_ms: 50,
         }
     }
 }
@@ -227,6 +232,24 @@ pub struct RateLimitConfig {
     /// Requests a key may make at once after being idle; 0 means equal to
     /// `requests_per_minute`. Default 0.
     pub burst: u32,
+    /// What decides while Redis is unreachable: `local` (each instance limits in its own
+    /// memory), `allow` (no limit) or `deny` (503). Default `local`.
+    pub on_store_error: StoreErrorPolicy,
+    /// Most checks sent to Redis in one pipeline; 1 sends each check on its own.
+    /// Default 128.
+    pub max_batch: usize,
+    /// Failed logins per minute per username and per client address, after which
+    /// `POST /api/auth/login/` answers 429. Default 10.
+    pub login_failures_per_minute: u32,
+}
+
+/// Behaviour of the rate limiter while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreErrorPolicy {
+    Local,
+    Allow,
+    Deny,
 }
 
 impl Default for RateLimitConfig {
@@ -234,6 +257,9 @@ impl Default for RateLimitConfig {
         Self {
             requests_per_minute: 100,
             burst: 0,
+            on_store_error: StoreErrorPolicy::Local,
+            max_batch: 128,
+            login_failures_per_minute: 10,
         }
     }
 }
@@ -260,6 +286,9 @@ pub struct AuthConfig {
     pub access_token_ttl_secs: u64,
     /// Lifetime of a refresh token, in seconds. Default 604800 (7 days).
     pub refresh_token_ttl_secs: u64,
+    /// How long an API-key lookup is cached, in milliseconds; a revoked key or a changed
+    /// limit takes effect within this time. 0 disables the cache. Default 500.
+    pub api_key_cache_ms: u64,
 }
 
 impl Default for AuthConfig {
@@ -268,6 +297,7 @@ impl Default for AuthConfig {
             jwt_secret: String::new(),
             access_token_ttl_secs: 900,
             refresh_token_ttl_secs: 7 * 24 * 3600,
+            api_key_cache_ms: 500,
         }
     }
 }
@@ -337,8 +367,15 @@ impl Config {
 
     /// Checks every value that the types alone do not constrain.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        SocketAddr::from_str(&self.http.listen)
-            .map_err(|err| ConfigError::invalid("http.listen", err))?;
+        SocketAddr::from_str(&self.http.listen).map_err(|_| {
+            ConfigError::invalid(
+                "http.listen",
+                format!(
+                    "{:?} is not an IP address and port such as 127.0.0.1:8080 or [::]:8080",
+                    self.http.listen
+                ),
+            )
+        })?;
         at_least(
             "http.body_limit_bytes",
             self.http.body_limit_bytes as u64,
@@ -373,6 +410,12 @@ impl Config {
         at_least(
             "rate_limit.requests_per_minute",
             self.rate_limit.requests_per_minute.into(),
+            1,
+        )?;
+        at_least("rate_limit.max_batch", self.rate_limit.max_batch as u64, 1)?;
+        at_least(
+            "rate_limit.login_failures_per_minute",
+            self.rate_limit.login_failures_per_minute.into(),
             1,
         )?;
         self.validate_auth()?;
@@ -467,6 +510,7 @@ impl Config {
             self.auth.refresh_token_ttl_secs,
             1,
         )?;
+        at_most("auth.api_key_cache_ms", self.auth.api_key_cache_ms, 60_000)?;
         Ok(())
     }
 }
@@ -487,7 +531,7 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
 }
 
 /// Applies each `LOGPIPE_<SECTION>_<KEY>` variable to `table`, parsing the value as the
-/// type of that setting's default. `LOGPIPE_CONFIG` names the file and is skipped here.
+/// type of that setting's default. The variables in `NOT_SETTINGS` are skipped.
 fn apply_env<I>(table: &mut toml::Table, env: I) -> Result<(), ConfigError>
 where
     I: IntoIterator<Item = (String, String)>,
@@ -497,7 +541,7 @@ where
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if rest == "CONFIG" {
+        if NOT_SETTINGS.contains(&rest) {
             continue;
         }
         let (section, key, default) = find_setting(&defaults, rest).ok_or_else(|| {
@@ -655,6 +699,7 @@ mod tests {
             ("LOGPIPE_DB_WRITER_BATCH_SIZE", "250"),
             ("LOGPIPE_RATE_LIMIT_REQUESTS_PER_MINUTE", "7"),
             ("LOGPIPE_CONFIG", "ignored.toml"),
+            ("LOGPIPE_API_KEY", "lp_not_a_setting"),
             ("PATH", "/bin"),
         ]);
         let config = Config::load(None, vars).expect("valid overrides");
@@ -699,6 +744,12 @@ mod tests {
             ("LOGPIPE_AUTH_JWT_SECRET", "short", "auth.jwt_secret"),
             ("LOGPIPE_LOG_FORMAT", "xml", "log.format"),
             ("LOGPIPE_MAILBOX_DB_WRITER", "0", "mailbox.db_writer"),
+            (
+                "LOGPIPE_RATE_LIMIT_ON_STORE_ERROR",
+                "panic",
+                "rate_limit.on_store_error",
+            ),
+            ("LOGPIPE_RATE_LIMIT_MAX_BATCH", "0", "rate_limit.max_batch"),
         ];
         for (name, value, setting) in cases {
             let err = Config::load(None, env(&[(name, value)])).unwrap_err();
@@ -721,6 +772,7 @@ mod tests {
         let limits = RateLimitConfig {
             requests_per_minute: 60,
             burst: 0,
+            ..RateLimitConfig::default()
         };
         assert_eq!(limits.effective_burst(), 60);
     }

@@ -63,16 +63,23 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
 }
 
 async fn apply_pending(client: &mut deadpool_postgres::Client) -> anyhow::Result<Vec<i32>> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await
+        .context("cannot look for schema_migrations")?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
                  version    integer PRIMARY KEY,
                  name       text NOT NULL,
                  applied_at timestamptz NOT NULL DEFAULT now()
              )",
-        )
-        .await
-        .context("cannot create schema_migrations")?;
+            )
+            .await
+            .context("cannot create schema_migrations")?;
+    }
     let rows = client
         .query("SELECT version FROM schema_migrations", &[])
         .await

@@ -13,17 +13,21 @@ use serde::Serialize;
 
 use crate::event::FieldError;
 
-/// An error answered to an HTTP client.
+/// An error returned to an HTTP client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("{field}: {message}")]
     InvalidField { field: String, message: String },
-    #[error("{} invalid event(s); nothing of this request was stored", .0.len())]
+    #[error("{} problem(s) in the events; nothing of this request was published", .0.len())]
     InvalidEvents(Vec<FieldError>),
+    /// A missing or invalid Bearer token.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A missing, unknown or revoked `API-KEY` header.
+    #[error("{0}")]
+    InvalidApiKey(&'static str),
     #[error("{field}: {message}")]
     Conflict {
         field: &'static str,
@@ -37,7 +41,7 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
-    #[error("rate limit of {limit} requests per minute exceeded")]
+    #[error("rate limit of {limit} per minute exceeded")]
     RateLimited { limit: u32, retry_after: Duration },
     #[error("{what} is unavailable, retry later")]
     Unavailable {
@@ -79,13 +83,13 @@ impl ApiError {
         Self::Internal
     }
 
-    /// The stable machine-readable code of this error.
+    /// Returns the stable machine-readable code of this error.
     pub fn code(&self) -> &'static str {
         match self {
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidField { .. } => "invalid_field",
             Self::InvalidEvents(_) => "invalid_events",
-            Self::Unauthorized(_) => "unauthorized",
+            Self::Unauthorized(_) | Self::InvalidApiKey(_) => "unauthorized",
             Self::Conflict { .. } => "conflict",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -121,7 +125,7 @@ impl ResponseError for ApiError {
             Self::InvalidJson(_) | Self::InvalidField { .. } | Self::InvalidEvents(_) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) | Self::InvalidApiKey(_) => StatusCode::UNAUTHORIZED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,

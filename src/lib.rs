@@ -1,9 +1,9 @@
 //! logpipe: log events in over HTTP, through Kafka, into PostgreSQL.
 //!
 //! Services post events to `POST /api/logs/` with an API key. The [`actors`] check the
-//! key's rate limit, publish the events to Kafka and answer only once Kafka acknowledged
-//! them; a consumer group reads the topic and writes the events into PostgreSQL in
-//! batches, committing offsets only after each batch committed.
+//! key's rate limit and publish the events to Kafka, and the request gets its 202 only
+//! once Kafka acknowledged them. A consumer group reads the topic and writes the events
+//! into PostgreSQL in batches, committing offsets only after each batch committed.
 
 pub mod accounts;
 pub mod actors;

@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Applies migrations, then runs the API, the consumers, or both.
     Serve {
-        /// Which part to run.
+        /// Part of logpipe to run.
         #[arg(long, value_enum, default_value_t = Role::All)]
         role: Role,
     },

@@ -21,7 +21,7 @@ use uuid::Uuid;
 /// Attempts per batch for 429, 503 and transport errors before its events count as failed.
 const MAX_ATTEMPTS: u32 = 20;
 
-/// What to replay and how.
+/// Options of a replay: the target, the files and the pacing.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
     /// Base URL of logpipe, e.g. `http://127.0.0.1:8080`.

@@ -122,8 +122,8 @@ async fn login_failures_look_alike() {
     assert_eq!(status_a, StatusCode::UNAUTHORIZED);
     assert_eq!(status_b, StatusCode::UNAUTHORIZED);
     assert_eq!(body_a, body_b);
-    // Both paths run one argon2id verification; without the dummy hash the unknown user
-    // would answer in well under a millisecond.
+    // Both paths run one argon2id verification. Without the dummy hash, the response for
+    // the unknown user would come back in well under a millisecond.
     let slower = wrong_password_time.max(unknown_user_time);
     let faster = wrong_password_time.min(unknown_user_time);
     assert!(
@@ -354,8 +354,8 @@ async fn bad_event_rejects_whole_request() {
         "lists accepted levels: {level_reason}"
     );
 
-    // A request sent after the rejected one is stored; once it is there, the rejected
-    // request's valid events would have arrived too if any had been published.
+    // A request sent after the rejected one is stored. Once it is there, the valid events
+    // of the rejected request would have arrived too, had any been published.
     let (status, _) = app.post_logs(&key, &event("sentinel")).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let db = app.db().await;

@@ -83,7 +83,7 @@ async fn loghub_events_stored_exactly_once() {
     app.stop().await;
 }
 
-/// The severities of the levels that occur in the samples.
+/// Maps the levels that occur in the samples to their severity text and number.
 fn expected_severity(level: &Value) -> (&'static str, i16) {
     match level.as_str().expect("level text") {
         "INFO" => ("INFO", 9),

@@ -191,8 +191,8 @@ impl ConsumerTask {
 
     fn store_offsets(&self, offsets: &HashMap<i32, i64>) {
         for (&partition, &offset) in offsets {
-            // Fails only when the partition was revoked meanwhile; its new owner then reads
-            // the batch again and the writes are idempotent.
+            // Fails only when the partition was revoked meanwhile. Its new owner then reads
+            // the batch again, which is harmless because the writes are idempotent.
             if let Err(err) = self.consumer.store_offset(&self.topic, partition, offset) {
                 tracing::debug!(consumer = self.index, partition, error = %err, "cannot store offset");
             }

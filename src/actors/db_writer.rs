@@ -1,7 +1,7 @@
 //! `DbWriter`: writes batches of events into PostgreSQL.
 //!
 //! Messages: [`WriteBatch`] (write these events, reply when committed) and [`Ping`] (does
-//! PostgreSQL answer). Mailbox capacity: `mailbox.db_writer`; the consumers wait for room
+//! PostgreSQL respond). Mailbox capacity: `mailbox.db_writer`; the consumers wait for room
 //! rather than drop anything, so a full mailbox slows consumption and the backlog stays in
 //! Kafka.
 //!
@@ -22,7 +22,7 @@ use crate::event::Event;
 
 const INSERT_LOGS: &str = include_str!("../../sql/queries/insert_logs.sql");
 
-/// How a committed batch went.
+/// Counts of a committed batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteOutcome {
     /// Rows inserted.
@@ -31,7 +31,7 @@ pub struct WriteOutcome {
     pub duplicates: u64,
 }
 
-/// Why a batch was not written. Nothing of the batch is stored when this is returned.
+/// Failure to write a batch. Nothing of the batch is stored when this is returned.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("cannot get a PostgreSQL connection: {0}")]
@@ -56,7 +56,7 @@ impl std::fmt::Debug for WriteBatch {
     }
 }
 
-/// Checks that PostgreSQL answers.
+/// Checks that PostgreSQL responds.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Ping {

@@ -2,7 +2,7 @@
 //!
 //! HTTP handlers reach `RateLimiter` and `KafkaProducer`; the consumers that
 //! `ConsumerSupervisor` owns reach `DbWriter`. Every mailbox is bounded by
-//! `[mailbox]` in the configuration. A message that needs an answer carries a [`Reply`]
+//! `[mailbox]` in the configuration. A message that needs a result carries a [`Reply`]
 //! and is sent with [`call`], which fails at once when the mailbox is full instead of
 //! waiting for room, so that a saturated actor turns into a fast 503.
 
@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 /// The channel on which an actor sends back the result of a message.
 pub type Reply<T> = oneshot::Sender<T>;
 
-/// Why a call to an actor got no answer.
+/// Failure of a call to an actor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
     #[error("mailbox is full")]

@@ -1,34 +1,43 @@
-//! `RateLimiter`: per-API-key request limits, decided in Redis.
+//! `RateLimiter`: request limits per API key and per login subject, decided in Redis.
 //!
-//! Messages: [`Check`] (one decision for one key) and [`Ping`] (is Redis reachable).
+//! Messages: [`Check`] (one decision for one subject) and [`Ping`] (does Redis respond).
 //! Mailbox capacity: `mailbox.rate_limiter`; when it is full, the request gets 503.
 //!
-//! Each decision is one Lua script run in Redis implementing GCRA (the generic cell rate
-//! algorithm): a key may make `burst` requests at once, and after that one request every
-//! `60 s / limit`. Reading and updating the key's state happen inside that one script, so
-//! concurrent requests, also from several logpipe instances sharing the Redis, can never
-//! both take the last slot. The clock is Redis's own (`TIME`), so instances with skewed
-//! clocks agree. When Redis cannot be reached within `redis.timeout_ms`, the decision
-//! fails and the request gets 503; nothing is published without a decision.
+//! Each decision is GCRA (the generic cell rate algorithm): a subject may make `burst`
+//! requests at once, then one every `60 s / limit`, so no more than `limit + burst` pass in
+//! any 60 s window. Reading and updating a subject's state happen in one Lua script run
+//! inside Redis, on Redis's clock, so concurrent requests, also from several logpipe
+//! instances sharing the Redis, can never both take the last slot.
+//!
+//! Checks that arrive while a Redis call is in flight are queued and sent together as one
+//! pipeline of up to `rate_limit.max_batch` script calls, so Redis round trips do not bound
+//! the request rate. When Redis does not respond within `redis.timeout_ms`, the decision
+//! follows `rate_limit.on_store_error`: `local` decides with the same algorithm in this
+//! process's memory (each instance then limits by itself), `allow` lets the request pass,
+//! `deny` fails it with 503. One warning marks the start of an outage and one line its
+//! end. Reconnection is automatic, and the actor is restarted by its supervisor if it stops.
 
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::Reply;
-use crate::config::RedisConfig;
+use crate::config::{RateLimitConfig, RedisConfig, StoreErrorPolicy};
 
-/// GCRA in one atomic step. KEYS[1]: the key's state (its theoretical arrival time, in
-/// microseconds). ARGV[1]: emission interval in microseconds. ARGV[2]: burst.
+/// GCRA in one atomic step. KEYS[1]: the subject's state, its theoretical arrival time in
+/// microseconds. ARGV[1]: emission interval in microseconds. ARGV[2]: burst. ARGV[3]: 1 to
+/// record the request when it is allowed, 0 to only look.
 /// Returns {allowed, remaining, reset_after_us, retry_after_us}.
 const GCRA_SCRIPT: &str = r#"
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
 local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tolerance = interval * burst
+local tolerance = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then
   tat = now
@@ -38,10 +47,46 @@ local allow_at = new_tat - tolerance
 if allow_at > now then
   return {0, 0, tat - now, allow_at - now}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-local remaining = math.floor((now + tolerance - new_tat) / interval)
-return {1, remaining, new_tat - now, 0}
+if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+  return {1, math.floor((now + tolerance - new_tat) / interval), new_tat - now, 0}
+end
+return {1, math.floor((now + tolerance - new_tat) / interval) + 1, tat - now, 0}
 "#;
+
+/// Prefix of every Redis key the limiter writes.
+const KEY_PREFIX: &str = "logpipe:ratelimit:";
+
+/// Subjects kept by the in-memory fallback before idle ones are dropped.
+const LOCAL_MAX_SUBJECTS: usize = 100_000;
+
+/// The subject of an API key's request limit.
+pub fn api_key_subject(key_id: i64) -> String {
+    format!("key:{key_id}")
+}
+
+/// The subject of the failed-login limit of a username.
+pub fn login_user_subject(username: &str) -> String {
+    format!("login:user:{username}")
+}
+
+/// The subject of the failed-login limit of a client address.
+pub fn login_addr_subject(addr: &str) -> String {
+    format!("login:addr:{addr}")
+}
+
+/// A rate: `per_minute` requests a minute after a burst of `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl Limit {
+    fn interval_us(self) -> u64 {
+        60_000_000 / u64::from(self.per_minute.max(1))
+    }
+}
 
 /// The result of one rate-limit decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,36 +94,48 @@ pub struct Decision {
     pub allowed: bool,
     /// The limit applied, in requests per minute.
     pub limit: u32,
-    /// Requests the key may still make at once.
+    /// Requests the subject may still make at once.
     pub remaining: u32,
-    /// Time until the key is back to its full burst.
+    /// Time until the subject is back to its full burst.
     pub reset_after: Duration,
     /// For a denied request, time until the next request is allowed.
     pub retry_after: Duration,
+    /// True when Redis was unreachable and the decision was made without it.
+    pub degraded: bool,
 }
 
-/// Why no decision could be made.
+/// Failure to reach a decision, only with `on_store_error = "deny"`.
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitError {
     #[error("redis is not connected")]
     NotConnected,
-    #[error("redis did not answer within {0:?}")]
+    #[error("redis did not respond within {0:?}")]
     TimedOut(Duration),
     #[error("redis error: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(String),
 }
 
-/// Decides whether API key `key_id` may make one more request.
+/// Decision counters, labelled by outcome only, for metrics.
+#[derive(Debug, Default)]
+pub struct RateLimitCounters {
+    pub allowed: AtomicU64,
+    pub blocked: AtomicU64,
+    /// Decisions made while Redis was unreachable.
+    pub degraded: AtomicU64,
+}
+
+/// Decides whether `subject` may make one more request. With `consume` false, the
+/// decision is only looked up and nothing is recorded.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Check {
-    pub key_id: i64,
-    pub limit_per_minute: u32,
-    pub burst: u32,
+    pub subject: String,
+    pub limit: Limit,
+    pub consume: bool,
     pub reply: Reply<Result<Decision, RateLimitError>>,
 }
 
-/// Checks that Redis answers.
+/// Checks that Redis responds.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Ping {
@@ -92,55 +149,200 @@ struct Connected(ConnectionManager);
 
 /// The actor; see the module documentation.
 pub struct RateLimiter {
-    config: RedisConfig,
+    redis: RedisConfig,
+    limits: RateLimitConfig,
     mailbox_capacity: usize,
     connection: Option<ConnectionManager>,
     script: Script,
+    pending: VecDeque<Check>,
+    in_flight: bool,
+    local: LocalLimiter,
+    outage_since: Option<Instant>,
+    counters: Arc<RateLimitCounters>,
 }
 
 impl RateLimiter {
-    pub fn new(config: RedisConfig, mailbox_capacity: usize) -> Self {
+    pub fn new(redis: RedisConfig, limits: RateLimitConfig, mailbox_capacity: usize) -> Self {
         Self {
-            config,
+            redis,
+            limits,
             mailbox_capacity,
             connection: None,
             script: Script::new(GCRA_SCRIPT),
+            pending: VecDeque::new(),
+            in_flight: false,
+            local: LocalLimiter::default(),
+            outage_since: None,
+            counters: Arc::default(),
         }
     }
 
-    fn timeout(&self) -> Duration {
-        Duration::from_millis(self.config.timeout_ms)
+    /// The counters this actor updates; shared, so they can be read from any thread.
+    pub fn counters(&self) -> Arc<RateLimitCounters> {
+        Arc::clone(&self.counters)
     }
 
-    /// Connects in the background, retrying every second until Redis answers. Once
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.redis.timeout_ms)
+    }
+
+    /// Connects in the background, retrying every second until Redis responds. Once
     /// connected, the connection manager reconnects by itself after a failure.
     fn connect(&self, ctx: &mut Context<Self>) {
-        let url = self.config.url.clone();
+        let url = self.redis.url.clone();
         let addr = ctx.address();
         actix::spawn(async move {
-            let mut logged = false;
             loop {
-                match connect(&url).await {
-                    Ok(connection) => {
-                        tracing::info!("connected to redis");
-                        let _ = addr.send(Connected(connection)).await;
-                        return;
-                    }
-                    Err(err) if !logged => {
-                        tracing::warn!(error = %err, "cannot connect to redis, retrying every second");
-                        logged = true;
-                    }
-                    Err(_) => {}
+                if let Ok(connection) = connect(&url).await {
+                    let _ = addr.send(Connected(connection)).await;
+                    return;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+    }
+
+    /// Sends the queued checks, up to `max_batch`, as one Redis pipeline.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight || self.pending.is_empty() {
+            return;
+        }
+        let count = self.pending.len().min(self.limits.max_batch.max(1));
+        let batch: Vec<Check> = self.pending.drain(..count).collect();
+        let Some(mut connection) = self.connection.clone() else {
+            self.decide_without_store(batch, StoreFailure::NotConnected);
+            return;
+        };
+        let pipeline = self.pipeline(&batch);
+        let hash = self.script.get_hash().to_string();
+        let timeout = self.timeout();
+        self.in_flight = true;
+        let call = async move {
+            let result =
+                tokio::time::timeout(timeout, run_pipeline(&mut connection, &pipeline, &hash))
+                    .await;
+            match result {
+                Ok(Ok(values)) => Ok(values),
+                Ok(Err(err)) => Err(StoreFailure::Redis(err)),
+                Err(_) => Err(StoreFailure::TimedOut(timeout)),
+            }
+        };
+        ctx.spawn(call.into_actor(self).map(move |result, actor, ctx| {
+            actor.in_flight = false;
+            match result {
+                Ok(values) => actor.answer_from_store(batch, values),
+                Err(failure) => actor.decide_without_store(batch, failure),
+            }
+            actor.flush(ctx);
+        }));
+    }
+
+    fn pipeline(&self, batch: &[Check]) -> redis::Pipeline {
+        let mut pipeline = redis::pipe();
+        for check in batch {
+            pipeline
+                .cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(1)
+                .arg(format!("{KEY_PREFIX}{}", check.subject))
+                .arg(check.limit.interval_us())
+                .arg(check.limit.burst.max(1))
+                .arg(if check.consume { "1" } else { "0" });
+        }
+        pipeline
+    }
+
+    fn answer_from_store(&mut self, batch: Vec<Check>, values: Vec<Vec<i64>>) {
+        if let Some(since) = self.outage_since.take() {
+            tracing::warn!(
+                outage_secs = since.elapsed().as_secs(),
+                "redis responds again; rate limits are shared across instances again"
+            );
+        }
+        for (check, values) in batch.into_iter().zip(values) {
+            let decision = decision_from_script(check.limit.per_minute, &values);
+            self.count(&decision);
+            let _ = check.reply.send(Ok(decision));
+        }
+    }
+
+    fn decide_without_store(&mut self, batch: Vec<Check>, failure: StoreFailure) {
+        if self.outage_since.is_none() {
+            self.outage_since = Some(Instant::now());
+            tracing::warn!(
+                error = %failure,
+                policy = ?self.limits.on_store_error,
+                "redis is unreachable; rate-limit decisions follow rate_limit.on_store_error until it responds"
+            );
+        }
+        for check in batch {
+            let result = match self.limits.on_store_error {
+                StoreErrorPolicy::Local => Ok(self.local.decide(&check)),
+                StoreErrorPolicy::Allow => Ok(allow_all(check.limit)),
+                StoreErrorPolicy::Deny => Err(failure.to_error()),
+            };
+            if let Ok(decision) = &result {
+                self.count(decision);
+            }
+            self.counters.degraded.fetch_add(1, Ordering::Relaxed);
+            let _ = check.reply.send(result);
+        }
+    }
+
+    fn count(&self, decision: &Decision) {
+        let counter = if decision.allowed {
+            &self.counters.allowed
+        } else {
+            &self.counters.blocked
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
     let client = redis::Client::open(url)?;
     ConnectionManager::new(client).await
+}
+
+/// Runs the pipeline, loading the script first when Redis does not have it cached.
+async fn run_pipeline(
+    connection: &mut ConnectionManager,
+    pipeline: &redis::Pipeline,
+    hash: &str,
+) -> redis::RedisResult<Vec<Vec<i64>>> {
+    match pipeline.query_async(connection).await {
+        Err(err) if err.kind() == redis::ErrorKind::NoScriptError => {
+            let loaded: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(GCRA_SCRIPT)
+                .query_async(connection)
+                .await?;
+            debug_assert_eq!(loaded, hash);
+            pipeline.query_async(connection).await
+        }
+        result => result,
+    }
+}
+
+/// Why Redis gave no decision.
+#[derive(Debug, thiserror::Error)]
+enum StoreFailure {
+    #[error("not connected")]
+    NotConnected,
+    #[error("no response within {0:?}")]
+    TimedOut(Duration),
+    #[error("{0}")]
+    Redis(redis::RedisError),
+}
+
+impl StoreFailure {
+    fn to_error(&self) -> RateLimitError {
+        match self {
+            Self::NotConnected => RateLimitError::NotConnected,
+            Self::TimedOut(timeout) => RateLimitError::TimedOut(*timeout),
+            Self::Redis(err) => RateLimitError::Redis(err.to_string()),
+        }
+    }
 }
 
 impl Actor for RateLimiter {
@@ -152,38 +354,30 @@ impl Actor for RateLimiter {
     }
 }
 
+impl Supervised for RateLimiter {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        tracing::warn!("rate limiter restarting");
+        self.connection = None;
+        self.in_flight = false;
+    }
+}
+
 impl Handler<Connected> for RateLimiter {
     type Result = ();
 
-    fn handle(&mut self, msg: Connected, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Connected, ctx: &mut Context<Self>) {
+        tracing::info!("connected to redis");
         self.connection = Some(msg.0);
+        self.flush(ctx);
     }
 }
 
 impl Handler<Check> for RateLimiter {
     type Result = ();
 
-    fn handle(&mut self, msg: Check, _ctx: &mut Context<Self>) {
-        let Some(mut connection) = self.connection.clone() else {
-            let _ = msg.reply.send(Err(RateLimitError::NotConnected));
-            return;
-        };
-        let timeout = self.timeout();
-        let limit = msg.limit_per_minute.max(1);
-        let interval_us = 60_000_000 / u64::from(limit);
-        let script = self.script.clone();
-        let burst = msg.burst.max(1);
-        actix::spawn(async move {
-            let mut invocation = script.key(state_key(msg.key_id));
-            invocation.arg(interval_us).arg(burst);
-            let call = invocation.invoke_async::<Vec<i64>>(&mut connection);
-            let result = match tokio::time::timeout(timeout, call).await {
-                Ok(Ok(values)) => Ok(decision(limit, &values)),
-                Ok(Err(err)) => Err(RateLimitError::Redis(err)),
-                Err(_) => Err(RateLimitError::TimedOut(timeout)),
-            };
-            let _ = msg.reply.send(result);
-        });
+    fn handle(&mut self, msg: Check, ctx: &mut Context<Self>) {
+        self.pending.push_back(msg);
+        self.flush(ctx);
     }
 }
 
@@ -199,9 +393,10 @@ impl Handler<Ping> for RateLimiter {
         actix::spawn(async move {
             let command = redis::cmd("PING");
             let ping = command.query_async::<String>(&mut connection);
-            let result = match tokio::time::timeout(timeout, ping).await {
+            let result = match tokio::time::timeout(timeout.max(Duration::from_secs(1)), ping).await
+            {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err(err)) => Err(RateLimitError::Redis(err)),
+                Ok(Err(err)) => Err(RateLimitError::Redis(err.to_string())),
                 Err(_) => Err(RateLimitError::TimedOut(timeout)),
             };
             let _ = msg.reply.send(result);
@@ -209,11 +404,7 @@ impl Handler<Ping> for RateLimiter {
     }
 }
 
-fn state_key(key_id: i64) -> String {
-    format!("logpipe:ratelimit:{key_id}")
-}
-
-fn decision(limit: u32, values: &[i64]) -> Decision {
+fn decision_from_script(limit: u32, values: &[i64]) -> Decision {
     let value = |index: usize| values.get(index).copied().unwrap_or_default().max(0);
     Decision {
         allowed: value(0) == 1,
@@ -221,29 +412,182 @@ fn decision(limit: u32, values: &[i64]) -> Decision {
         remaining: u32::try_from(value(1)).unwrap_or(u32::MAX),
         reset_after: Duration::from_micros(value(2) as u64),
         retry_after: Duration::from_micros(value(3) as u64),
+        degraded: false,
     }
+}
+
+fn allow_all(limit: Limit) -> Decision {
+    Decision {
+        allowed: true,
+        limit: limit.per_minute,
+        remaining: limit.burst,
+        reset_after: Duration::ZERO,
+        retry_after: Duration::ZERO,
+        degraded: true,
+    }
+}
+
+/// The same GCRA in this process's memory, used while Redis is unreachable.
+#[derive(Default)]
+struct LocalLimiter {
+    /// Theoretical arrival time of each subject, in microseconds since `epoch`.
+    tats: HashMap<String, u64>,
+    epoch: Option<Instant>,
+}
+
+impl LocalLimiter {
+    fn decide(&mut self, check: &Check) -> Decision {
+        let epoch = *self.epoch.get_or_insert_with(Instant::now);
+        let now = epoch.elapsed().as_micros() as u64;
+        if self.tats.len() >= LOCAL_MAX_SUBJECTS {
+            self.tats.retain(|_, tat| *tat > now);
+        }
+        let stored = self.tats.get(&check.subject).copied().unwrap_or(now);
+        let (decision, new_tat) = gcra(now, stored, check.limit, check.consume);
+        if let Some(new_tat) = new_tat {
+            self.tats.insert(check.subject.clone(), new_tat);
+        }
+        Decision {
+            degraded: true,
+            ..decision
+        }
+    }
+}
+
+/// GCRA at time `now` for a subject whose theoretical arrival time is `tat` (both in
+/// microseconds); returns the decision and the new arrival time to store, if any.
+fn gcra(now: u64, tat: u64, limit: Limit, consume: bool) -> (Decision, Option<u64>) {
+    let interval = limit.interval_us();
+    let tolerance = interval * u64::from(limit.burst.max(1));
+    let tat = tat.max(now);
+    let new_tat = tat + interval;
+    let allow_at = new_tat.saturating_sub(tolerance);
+    if allow_at > now {
+        let decision = Decision {
+            allowed: false,
+            limit: limit.per_minute,
+            remaining: 0,
+            reset_after: Duration::from_micros(tat - now),
+            retry_after: Duration::from_micros(allow_at - now),
+            degraded: false,
+        };
+        return (decision, None);
+    }
+    let (remaining, reset, stored) = if consume {
+        (
+            (now + tolerance - new_tat) / interval,
+            new_tat - now,
+            Some(new_tat),
+        )
+    } else {
+        ((now + tolerance - new_tat) / interval + 1, tat - now, None)
+    };
+    let decision = Decision {
+        allowed: true,
+        limit: limit.per_minute,
+        remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+        reset_after: Duration::from_micros(reset),
+        retry_after: Duration::ZERO,
+        degraded: false,
+    };
+    (decision, stored)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const LIMIT: Limit = Limit {
+        per_minute: 60,
+        burst: 3,
+    };
+    const SECOND: u64 = 1_000_000;
+
     #[test]
-    fn decision_reads_script_output() {
-        let allowed = decision(100, &[1, 99, 600_000, 0]);
+    fn script_output_read() {
+        let allowed = decision_from_script(100, &[1, 99, 600_000, 0]);
         assert!(allowed.allowed);
         assert_eq!(allowed.remaining, 99);
         assert_eq!(allowed.reset_after, Duration::from_millis(600));
 
-        let denied = decision(100, &[0, 0, 60_000_000, 250_000]);
+        let denied = decision_from_script(100, &[0, 0, 60_000_000, 250_000]);
         assert!(!denied.allowed);
         assert_eq!(denied.retry_after, Duration::from_millis(250));
     }
 
     #[test]
-    fn decision_tolerates_short_output() {
-        let denied = decision(5, &[]);
+    fn short_script_output_denies() {
+        let denied = decision_from_script(5, &[]);
         assert!(!denied.allowed);
         assert_eq!(denied.remaining, 0);
+    }
+
+    #[test]
+    fn gcra_allows_burst_then_paces() {
+        let mut tat = 0;
+        for expected_remaining in [2, 1, 0] {
+            let (decision, stored) = gcra(0, tat, LIMIT, true);
+            assert!(decision.allowed);
+            assert_eq!(decision.remaining, expected_remaining);
+            tat = stored.expect("stored");
+        }
+        let (denied, stored) = gcra(0, tat, LIMIT, true);
+        assert!(!denied.allowed);
+        assert!(stored.is_none());
+        assert_eq!(denied.retry_after, Duration::from_secs(1));
+        let (later, _) = gcra(SECOND, tat, LIMIT, true);
+        assert!(later.allowed, "one slot refills after the interval");
+    }
+
+    #[test]
+    fn gcra_peek_records_nothing() {
+        let (decision, stored) = gcra(0, 0, LIMIT, false);
+        assert!(decision.allowed);
+        assert_eq!(decision.remaining, 3);
+        assert!(stored.is_none());
+    }
+
+    #[test]
+    fn gcra_window_bounded_by_limit_plus_burst() {
+        // Simulated time: a client sending every 10 ms for 5 minutes never gets more than
+        // limit + burst requests through in any 60 s window.
+        let mut tat = 0;
+        let mut allowed_at = Vec::new();
+        for step in 0..30_000u64 {
+            let now = step * 10_000;
+            let (decision, stored) = gcra(now, tat, LIMIT, true);
+            if decision.allowed {
+                allowed_at.push(now);
+                tat = stored.expect("stored");
+            }
+        }
+        for (index, start) in allowed_at.iter().enumerate() {
+            let in_window = allowed_at[index..]
+                .iter()
+                .take_while(|time| **time < start + 60 * SECOND)
+                .count();
+            assert!(
+                in_window <= (LIMIT.per_minute + LIMIT.burst) as usize,
+                "{in_window}"
+            );
+        }
+    }
+
+    #[test]
+    fn local_limiter_keeps_subjects_apart() {
+        let mut local = LocalLimiter::default();
+        let check = |subject: &str| Check {
+            subject: subject.into(),
+            limit: LIMIT,
+            consume: true,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        for _ in 0..3 {
+            assert!(local.decide(&check("a")).allowed);
+        }
+        assert!(!local.decide(&check("a")).allowed);
+        let other = local.decide(&check("b"));
+        assert!(other.allowed);
+        assert!(other.degraded);
     }
 }

@@ -1,11 +1,13 @@
 //! `POST /api/auth/signup/`, `/login/` and `/refresh/`.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use crate::accounts::AccountError;
+use crate::actors::call;
+use crate::actors::rate_limiter::{login_addr_subject, login_user_subject, Check, Limit};
 use crate::auth::{self, IssuedToken, TokenType};
 use crate::error::ApiError;
 
@@ -97,15 +99,20 @@ pub async fn signup(
     }))
 }
 
-/// Checks a username and password and returns an access and a refresh token.
+/// Checks a username and password and returns an access and a refresh token. Failed
+/// attempts are limited per username and per client address; successes do not count.
 pub async fn login(
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let LoginRequest { username, password } = body.into_inner();
     let username = required("username", username)?;
     let password = required("password", password)?;
+    let subjects = login_subjects(&req, &username);
+    check_login_failures(&state, &subjects).await?;
     if password.len() > MAX_PASSWORD_BYTES {
+        record_login_failure(&state, subjects).await;
         return Err(ApiError::Unauthorized("invalid username or password"));
     }
 
@@ -125,7 +132,10 @@ pub async fn login(
         .map_err(|err| ApiError::internal("password check task failed", err))?;
     let user_id = match (user_id, valid) {
         (Some(user_id), true) => user_id,
-        _ => return Err(ApiError::Unauthorized("invalid username or password")),
+        _ => {
+            record_login_failure(&state, subjects).await;
+            return Err(ApiError::Unauthorized("invalid username or password"));
+        }
     };
 
     let pair = issue_pair(&state, user_id).await?;
@@ -172,6 +182,71 @@ pub async fn refresh(
 
     let pair = issue_pair(&state, user_id).await?;
     Ok(HttpResponse::Ok().json(pair))
+}
+
+/// The failed-login subjects of a request: its username and its client address.
+fn login_subjects(req: &HttpRequest, username: &str) -> [String; 2] {
+    let addr = req
+        .peer_addr()
+        .map(|addr| addr.ip().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    [login_user_subject(username), login_addr_subject(&addr)]
+}
+
+fn login_limit(state: &AppState) -> Limit {
+    let per_minute = state.config.rate_limit.login_failures_per_minute;
+    Limit {
+        per_minute,
+        burst: per_minute,
+    }
+}
+
+/// Rejects the attempt with 429 when either subject used up its failed logins.
+async fn check_login_failures(state: &AppState, subjects: &[String; 2]) -> Result<(), ApiError> {
+    let Some(limiter) = &state.rate_limiter else {
+        return Ok(());
+    };
+    let limit = login_limit(state);
+    for subject in subjects {
+        let build = |reply| Check {
+            subject: subject.clone(),
+            limit,
+            consume: false,
+            reply,
+        };
+        match call(limiter, build, state.ingest_deadline()).await {
+            Ok(Ok(decision)) if !decision.allowed => {
+                return Err(ApiError::RateLimited {
+                    limit: limit.per_minute,
+                    retry_after: decision.retry_after,
+                });
+            }
+            Ok(Ok(_)) => {}
+            // Without a decision the attempt goes on: the password check still applies.
+            Ok(Err(err)) => tracing::debug!(error = %err, "login limit check failed"),
+            Err(err) => tracing::debug!(error = %err, "login limit check failed"),
+        }
+    }
+    Ok(())
+}
+
+/// Counts one failed login against both subjects.
+async fn record_login_failure(state: &AppState, subjects: [String; 2]) {
+    let Some(limiter) = &state.rate_limiter else {
+        return;
+    };
+    let limit = login_limit(state);
+    for subject in subjects {
+        let build = |reply| Check {
+            subject,
+            limit,
+            consume: true,
+            reply,
+        };
+        if let Err(err) = call(limiter, build, state.ingest_deadline()).await {
+            tracing::debug!(error = %err, "cannot record a failed login");
+        }
+    }
 }
 
 async fn issue_pair(state: &AppState, user_id: i64) -> Result<TokenPair, ApiError> {

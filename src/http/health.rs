@@ -1,4 +1,4 @@
-//! `GET /healthz` (the process is alive) and `GET /readyz` (its dependencies answer).
+//! `GET /healthz` (the process is alive) and `GET /readyz` (its dependencies respond).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -36,8 +36,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
     if let Some(supervisor) = &state.supervisor {
         let running = call(supervisor, |reply| Status { reply }, CHECK_TIMEOUT).await;
-        let wanted = state.config.consumer.consumers;
-        checks.insert("consumers", running.is_ok_and(|running| running == wanted));
+        let expected = state.config.consumer.consumers;
+        checks.insert(
+            "consumers",
+            running.is_ok_and(|running| running == expected),
+        );
     }
 
     let failing: Vec<&str> = checks

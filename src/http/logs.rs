@@ -1,11 +1,11 @@
-//! `POST /api/logs/`: authenticate the API key, rate-limit, validate, publish, answer 202.
+//! `POST /api/logs/`: authenticate the API key, rate-limit, validate, publish, respond 202.
 //!
 //! The 202 is sent only after Kafka acknowledged every event of the request. A request
 //! with any invalid event is rejected whole and nothing of it is published.
 
 use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
-use actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError};
-use chrono::{TimeDelta, Utc};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::AppState;
 use crate::accounts::ApiKeyRecord;
 use crate::actors::kafka_producer::{self, Publish, PublishError};
-use crate::actors::rate_limiter::{Check, Decision};
+use crate::actors::rate_limiter::{api_key_subject, Check, Decision, Limit};
 use crate::actors::{call, CallError};
 use crate::auth;
 use crate::error::ApiError;
@@ -44,8 +44,23 @@ pub async fn ingest(
     if !decision.allowed {
         return Ok(rate_limited(&decision));
     }
+    let mut response = match accept(&state, &req, payload, &key, received_at).await {
+        Ok(response) => response,
+        Err(err) => err.error_response(),
+    };
+    add_rate_limit_headers(&mut response, &decision);
+    Ok(response)
+}
 
-    let body = read_body(&req, payload, state.config.http.body_limit_bytes).await?;
+/// Reads, validates and publishes the body of a request that passed the rate limit.
+async fn accept(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    key: &ApiKeyRecord,
+    received_at: DateTime<Utc>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(req, payload, state.config.http.body_limit_bytes).await?;
     let owner = Owner {
         user_id: key.user_id,
         api_key_id: key.id,
@@ -57,11 +72,9 @@ pub async fn ingest(
     })?;
 
     let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-    publish(&state, &events).await?;
+    publish(state, &events).await?;
 
-    let mut response = HttpResponse::Accepted();
-    rate_limit_headers(&mut response, &decision);
-    Ok(response.json(Accepted {
+    Ok(HttpResponse::Accepted().json(Accepted {
         accepted: ids.len(),
         ids,
     }))
@@ -75,23 +88,24 @@ async fn authenticate_key(state: &AppState, req: &HttpRequest) -> Result<ApiKeyR
         .and_then(|value| value.to_str().ok())
         .map(str::trim)
         .filter(|secret| !secret.is_empty())
-        .ok_or(ApiError::Unauthorized("missing API-KEY header"))?;
+        .ok_or(ApiError::InvalidApiKey("missing API-KEY header"))?;
     let hash = auth::sha256(secret);
     let record = state
-        .accounts
-        .find_api_key(&hash)
+        .api_keys
+        .find(&state.accounts, &hash)
         .await
         .map_err(|err| ApiError::internal("cannot look up API key", err))?;
-    let invalid = ApiError::Unauthorized("invalid or revoked API key");
+    let invalid = ApiError::InvalidApiKey("invalid or revoked API key");
     let record = record.ok_or(invalid)?;
     if !auth::hashes_equal(&record.key_hash, &hash) || !record.active {
-        return Err(ApiError::Unauthorized("invalid or revoked API key"));
+        return Err(ApiError::InvalidApiKey("invalid or revoked API key"));
     }
     touch_key(state, &record);
     Ok(record)
 }
 
-/// Records the key's use in the background, at most once per `TOUCH_INTERVAL`.
+/// Records the key's use in the background when its stored `last_used_at` is older than
+/// `TOUCH_INTERVAL`.
 fn touch_key(state: &AppState, record: &ApiKeyRecord) {
     let recent = record
         .last_used_at
@@ -123,15 +137,19 @@ async fn rate_limit(state: &AppState, key: &ApiKeyRecord) -> Result<Decision, Ap
         limits.effective_burst()
     };
     let build = |reply| Check {
-        key_id: key.id,
-        limit_per_minute: limit,
-        burst,
+        subject: api_key_subject(key.id),
+        limit: Limit {
+            per_minute: limit,
+            burst,
+        },
+        consume: true,
         reply,
     };
     match call(limiter, build, state.ingest_deadline()).await {
         Ok(Ok(decision)) => Ok(decision),
         Ok(Err(err)) => {
-            tracing::warn!(error = %err, "rate limit decision failed");
+            // The limiter logged the outage once when it began.
+            tracing::debug!(error = %err, "rate limit decision failed");
             Err(ApiError::Unavailable {
                 what: "rate limiter",
                 retry_after: state.retry_after(),
@@ -142,7 +160,7 @@ async fn rate_limit(state: &AppState, key: &ApiKeyRecord) -> Result<Decision, Ap
 }
 
 /// The rate-limit header fields (`RateLimit-Limit`, `-Remaining`, `-Reset`) of every
-/// `/api/logs/` answer, lowercase as HTTP/2 requires.
+/// `/api/logs/` response, lowercase as HTTP/2 requires.
 fn rate_limit_header_values(decision: &Decision) -> [(&'static str, String); 3] {
     let reset = decision.reset_after.as_secs() + u64::from(decision.reset_after.subsec_nanos() > 0);
     [
@@ -152,19 +170,7 @@ fn rate_limit_header_values(decision: &Decision) -> [(&'static str, String); 3] 
     ]
 }
 
-fn rate_limit_headers(response: &mut HttpResponseBuilder, decision: &Decision) {
-    for header in rate_limit_header_values(decision) {
-        response.insert_header(header);
-    }
-}
-
-/// The 429 answer: the JSON error with `Retry-After` and the rate-limit fields.
-fn rate_limited(decision: &Decision) -> HttpResponse {
-    let error = ApiError::RateLimited {
-        limit: decision.limit,
-        retry_after: decision.retry_after,
-    };
-    let mut response = error.error_response();
+fn add_rate_limit_headers(response: &mut HttpResponse, decision: &Decision) {
     for (name, value) in rate_limit_header_values(decision) {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response
@@ -172,6 +178,16 @@ fn rate_limited(decision: &Decision) -> HttpResponse {
                 .insert(HeaderName::from_static(name), value);
         }
     }
+}
+
+/// Builds the 429 response: the JSON error with `Retry-After` and the rate-limit fields.
+fn rate_limited(decision: &Decision) -> HttpResponse {
+    let error = ApiError::RateLimited {
+        limit: decision.limit,
+        retry_after: decision.retry_after,
+    };
+    let mut response = error.error_response();
+    add_rate_limit_headers(&mut response, decision);
     response
 }
 

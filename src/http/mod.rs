@@ -18,7 +18,7 @@ use actix_web::dev::Payload;
 use actix_web::error::JsonPayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 
-use crate::accounts::Accounts;
+use crate::accounts::{Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::ConsumerSupervisor;
 use crate::actors::kafka_producer::KafkaProducer;
 use crate::actors::rate_limiter::RateLimiter;
@@ -30,10 +30,11 @@ use crate::error::ApiError;
 /// Largest body of the account endpoints, in bytes.
 const ACCOUNT_BODY_LIMIT: usize = 16 * 1024;
 
-/// What every handler can reach. Actors are absent in a role that does not run them.
+/// Shared state of every handler. An actor is `None` in a role that does not run it.
 pub struct AppState {
     pub config: Arc<Config>,
     pub accounts: Accounts,
+    pub api_keys: ApiKeyCache,
     pub tokens: TokenKeys,
     /// An argon2id hash checked when a login names an unknown user, so that a wrong
     /// username takes as long as a wrong password.
@@ -52,7 +53,7 @@ impl AppState {
         Duration::from_millis(self.config.http.ingest_deadline_ms)
     }
 
-    /// The 503 for an actor that gave no answer.
+    /// Builds the 503 for an actor that did not reply.
     pub fn unavailable(&self, what: &'static str, err: CallError) -> ApiError {
         tracing::warn!(actor = what, error = %err, "request rejected with 503");
         ApiError::Unavailable {
@@ -85,14 +86,20 @@ fn api_routes(cfg: &mut web::ServiceConfig) {
     )
     .service(
         resource(&["/api/key/", "/api/key"])
-            .app_data(account_json)
+            .app_data(account_json.clone())
             .route(web::post().to(keys::create)),
     )
     .service(resource(&["/api/keys/list/", "/api/keys/list"]).route(web::get().to(keys::list)))
+    .service(
+        resource(&["/api/keys/{id}/", "/api/keys/{id}"])
+            .app_data(account_json.clone())
+            .route(web::patch().to(keys::update))
+            .route(web::delete().to(keys::revoke)),
+    )
     .service(resource(&["/api/logs/", "/api/logs"]).route(web::post().to(logs::ingest)));
 }
 
-/// A resource that answers a wrong method with the JSON 405.
+/// Builds a resource that rejects a wrong method with the JSON 405.
 fn resource(paths: &[&str]) -> actix_web::Resource {
     let paths: Vec<String> = paths.iter().map(|path| path.to_string()).collect();
     web::resource(paths).default_service(web::to(method_not_allowed))

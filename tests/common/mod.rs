@@ -24,7 +24,7 @@ pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
 /// A password every test user shares.
 pub const PASSWORD: &str = "correct horse battery staple";
 
-/// The configuration a test app starts from: defaults, the `LOGPIPE_*` variables, a free
+/// Builds the configuration a test app starts from: defaults, the `LOGPIPE_*` variables, a free
 /// port, and a topic and group of its own.
 pub fn test_config() -> Config {
     let mut config = Config::load(None, std::env::vars()).expect("test configuration");
@@ -194,7 +194,7 @@ impl TestApp {
         read(self.post_logs_raw(api_key, body).await).await
     }
 
-    /// A connection to the test database.
+    /// Opens a connection to the test database.
     pub async fn db(&self) -> tokio_postgres::Client {
         connect_db(&self.config).await
     }
@@ -218,7 +218,7 @@ pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     )
 }
 
-/// The id of a user by name.
+/// Looks up the id of a user by name.
 pub async fn user_id(db: &tokio_postgres::Client, username: &str) -> i64 {
     db.query_one("SELECT id FROM users WHERE username = $1", &[&username])
         .await
@@ -252,7 +252,7 @@ pub async fn wait_for_rows(
     }
 }
 
-/// The real-log samples shipped with the tests.
+/// Lists the real-log samples shipped with the tests.
 pub fn loghub_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loghub");
     ["apache", "hdfs", "linux", "openssh", "zookeeper"]
@@ -261,7 +261,7 @@ pub fn loghub_files() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Every event of a sample file, as JSON values.
+/// Reads every event of a sample file as a JSON value.
 pub fn read_ndjson(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .expect("fixture readable")
@@ -271,7 +271,57 @@ pub fn read_ndjson(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A small valid event.
+/// Builds a small valid event.
 pub fn event(message: &str) -> Value {
     json!({"service_name": "checkout", "log_level": "info", "message": message})
+}
+
+impl TestApp {
+    /// Sends `PATCH /api/keys/{key_id}/` with the access token; returns status and body.
+    pub async fn patch_key(&self, access: &str, key_id: i64, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .patch(self.url(&format!("/api/keys/{key_id}/")))
+            .bearer_auth(access)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        read(response).await
+    }
+
+    /// Sends `DELETE /api/keys/{key_id}/` with the access token; returns status and body.
+    pub async fn delete_key(&self, access: &str, key_id: i64) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .delete(self.url(&format!("/api/keys/{key_id}/")))
+            .bearer_auth(access)
+            .send()
+            .await
+            .expect("request sent");
+        read(response).await
+    }
+
+    /// Polls `GET /readyz` until it returns 200; panics with the last body after `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        let started = Instant::now();
+        loop {
+            let response = self
+                .client
+                .get(self.url("/readyz"))
+                .send()
+                .await
+                .expect("request sent");
+            let (status, body) = read(response).await;
+            if status == StatusCode::OK {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{} not ready after {timeout:?}: {status} {body}",
+                self.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
