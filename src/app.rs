@@ -1,6 +1,7 @@
 //! Assembles a running logpipe: pool, migrations, topic, actors and the HTTP server.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tracing_actix_web::TracingLogger;
 use crate::accounts::{Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::{ConsumerSupervisor, Stop};
 use crate::actors::db_writer::DbWriter;
-use crate::actors::kafka_producer::KafkaProducer;
+use crate::actors::kafka_producer::{Flush, KafkaProducer};
 use crate::actors::rate_limiter::RateLimiter;
 use crate::auth::{self, TokenKeys};
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub struct RunningApp {
     pub addr: SocketAddr,
     server: Server,
     supervisor: Option<Addr<ConsumerSupervisor>>,
+    producer: Option<Addr<KafkaProducer>>,
+    shutdown_timeout: Duration,
     arbiters: Vec<Arbiter>,
 }
 
@@ -58,18 +61,36 @@ impl RunningApp {
     }
 
     /// Serves until the HTTP server stops, then stops the consumers after their current
-    /// batch and flushes the producer.
+    /// batch and flushes the producer, all within `http.shutdown_timeout_secs`.
     pub async fn wait(self) -> anyhow::Result<()> {
         let served = self.server.await;
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         if let Some(supervisor) = self.supervisor {
             let (reply, stopped) = oneshot::channel();
-            if supervisor.send(Stop { reply }).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(30), stopped).await;
+            if supervisor.send(Stop { reply }).await.is_ok()
+                && tokio::time::timeout_at(deadline, stopped).await.is_err()
+            {
+                tracing::error!("consumers did not stop before the shutdown deadline");
+            }
+        }
+        if let Some(producer) = self.producer {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (reply, flushed) = oneshot::channel();
+            if producer
+                .send(Flush {
+                    timeout: remaining,
+                    reply,
+                })
+                .await
+                .is_ok()
+            {
+                let _ = flushed.await;
             }
         }
         for arbiter in self.arbiters {
             arbiter.stop();
         }
+        tracing::info!("logpipe stopped");
         served.context("HTTP server failed")
     }
 }
@@ -99,22 +120,29 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         None
     };
 
+    let draining = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(AppState {
+        draining: Arc::clone(&draining),
         config: Arc::clone(&config),
         accounts: Accounts::new(pool),
         api_keys: ApiKeyCache::new(Duration::from_millis(config.auth.api_key_cache_ms)),
         tokens: token_keys(&config, role),
         dummy_password_hash: dummy_password_hash().await?,
         rate_limiter,
-        producer,
+        producer: producer.clone(),
         supervisor: supervisor.clone(),
     });
-    let (server, addr) = http_server(&config, state, role, handle_signals)?;
+    let (server, addr) = http_server(&config, state, role)?;
+    if handle_signals {
+        actix_web::rt::spawn(stop_on_signal(server.handle(), draining));
+    }
     tracing::info!(%addr, ?role, "logpipe listening");
     Ok(RunningApp {
         addr,
         server,
         supervisor,
+        producer,
+        shutdown_timeout: Duration::from_secs(config.http.shutdown_timeout_secs),
         arbiters,
     })
 }
@@ -180,7 +208,6 @@ fn http_server(
     config: &Config,
     state: web::Data<AppState>,
     role: Role,
-    handle_signals: bool,
 ) -> anyhow::Result<(Server, SocketAddr)> {
     let ingest = role.runs_api();
     let mut server = HttpServer::new(move || {
@@ -189,12 +216,10 @@ fn http_server(
             .wrap(TracingLogger::default())
             .configure(|cfg| http::routes(cfg, ingest))
     })
-    .shutdown_timeout(30);
+    .shutdown_timeout(config.http.shutdown_timeout_secs)
+    .disable_signals();
     if config.http.workers > 0 {
         server = server.workers(config.http.workers);
-    }
-    if !handle_signals {
-        server = server.disable_signals();
     }
     let server = server
         .bind(&config.http.listen)
@@ -205,4 +230,33 @@ fn http_server(
         .copied()
         .context("the HTTP server has no address")?;
     Ok((server.run(), addr))
+}
+
+/// On SIGTERM or SIGINT: new ingest requests get 503, the server stops accepting
+/// connections and finishes the requests in flight. A second signal exits at once.
+async fn stop_on_signal(server: ServerHandle, draining: Arc<AtomicBool>) {
+    if let Err(err) = wait_for_signal().await {
+        tracing::error!(error = %err, "cannot listen for shutdown signals");
+        return;
+    }
+    tracing::info!("shutdown signal received; finishing the requests in flight");
+    draining.store(true, Ordering::Relaxed);
+    actix_web::rt::spawn(async {
+        if wait_for_signal().await.is_ok() {
+            tracing::warn!("second shutdown signal received; exiting at once");
+            std::process::exit(130);
+        }
+    });
+    server.stop(true).await;
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
 }

@@ -60,6 +60,9 @@ pub struct HttpConfig {
     pub ingest_deadline_ms: u64,
     /// Seconds a client should wait (`Retry-After`) after a 503. Default 1.
     pub retry_after_secs: u64,
+    /// Longest time a graceful shutdown may take, in seconds: requests in flight, the
+    /// producer's queue and the consumers' current batches. Default 30.
+    pub shutdown_timeout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -70,6 +73,7 @@ impl Default for HttpConfig {
             body_limit_bytes: 5 * 1024 * 1024,
             ingest_deadline_ms: 5000,
             retry_after_secs: 1,
+            shutdown_timeout_secs: 30,
         }
     }
 }
@@ -132,6 +136,9 @@ pub struct KafkaConfig {
     pub create_topic: bool,
     /// Client id sent to the brokers. Default `logpipe`.
     pub client_id: String,
+    /// Topic that receives messages the consumers can never store, with the error in the
+    /// `logpipe-error` header. Default `logpipe.events.dlq`.
+    pub dead_letter_topic: String,
 }
 
 impl Default for KafkaConfig {
@@ -143,6 +150,7 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             create_topic: true,
             client_id: "logpipe".into(),
+            dead_letter_topic: "logpipe.events.dlq".into(),
         }
     }
 }
@@ -184,8 +192,12 @@ pub struct ConsumerConfig {
     pub consumers: usize,
     /// Group session timeout, in milliseconds (`session.timeout.ms`). Default 10000.
     pub session_timeout_ms: u64,
-    /// Delay before a failed consumer is started again, in milliseconds. Default 1000.
-    pub restart_delay_ms: u64,
+    /// Delay before a failed consumer is started again, in milliseconds; it doubles with
+    /// each failure in a row. Default 500.
+    pub restart_initial_delay_ms: u64,
+    /// Longest delay between restarts of a failing consumer, in milliseconds.
+    /// Default 30000.
+    pub restart_max_delay_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -194,7 +206,8 @@ impl Default for ConsumerConfig {
             group_id: "logpipe".into(),
             consumers: 2,
             session_timeout_ms: 10_000,
-            restart_delay_ms: 1000,
+            restart_initial_delay_ms: 500,
+            restart_max_delay_ms: 30_000,
         }
     }
 }
@@ -383,6 +396,11 @@ impl Config {
         )?;
         at_least("http.ingest_deadline_ms", self.http.ingest_deadline_ms, 100)?;
         at_least("http.retry_after_secs", self.http.retry_after_secs, 1)?;
+        at_least(
+            "http.shutdown_timeout_secs",
+            self.http.shutdown_timeout_secs,
+            1,
+        )?;
         tokio_postgres::Config::from_str(&self.postgres.url)
             .map_err(|err| ConfigError::invalid("postgres.url", err))?;
         at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
@@ -438,16 +456,12 @@ impl Config {
     fn validate_kafka(&self) -> Result<(), ConfigError> {
         not_empty("kafka.brokers", &self.kafka.brokers)?;
         not_empty("kafka.topic", &self.kafka.topic)?;
-        let topic_ok = self.kafka.topic.len() <= 249
-            && self
-                .kafka
-                .topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !topic_ok {
+        topic_name("kafka.topic", &self.kafka.topic)?;
+        topic_name("kafka.dead_letter_topic", &self.kafka.dead_letter_topic)?;
+        if self.kafka.dead_letter_topic == self.kafka.topic {
             return Err(ConfigError::invalid(
-                "kafka.topic",
-                "use at most 249 characters of letters, digits, '.', '_' and '-'",
+                "kafka.dead_letter_topic",
+                "must differ from kafka.topic",
             ));
         }
         at_least("kafka.partitions", self.kafka.partitions as u64, 1)?;
@@ -635,6 +649,23 @@ fn at_most(setting: &str, value: u64, max: u64) -> Result<(), ConfigError> {
 fn not_empty(setting: &str, value: &str) -> Result<(), ConfigError> {
     if value.trim().is_empty() {
         return Err(ConfigError::invalid(setting, "must not be empty"));
+    }
+    Ok(())
+}
+
+fn topic_name(setting: &str, value: &str) -> Result<(), ConfigError> {
+    let valid = !value.is_empty()
+        && value.len() <= 249
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !valid {
+        return Err(ConfigError::invalid(
+            setting,
+            format!(
+                "{value:?} is not a topic name: use 1 to 249 letters, digits, '.', '_' and '-'"
+            ),
+        ));
     }
     Ok(())
 }

@@ -70,19 +70,19 @@ pub fn consumer_config(kafka: &KafkaConfig, consumer: &ConsumerConfig) -> Client
     config
 }
 
-/// Creates the topic unless it exists.
+/// Creates the event topic and the dead-letter topic unless they exist.
 pub async fn ensure_topic(kafka: &KafkaConfig) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = base_config(kafka)
         .create()
         .context("cannot create the Kafka admin client")?;
-    let topic = NewTopic::new(
-        &kafka.topic,
-        kafka.partitions,
-        TopicReplication::Fixed(kafka.replication_factor),
-    );
+    let replication = || TopicReplication::Fixed(kafka.replication_factor);
+    let topics = [
+        NewTopic::new(&kafka.topic, kafka.partitions, replication()),
+        NewTopic::new(&kafka.dead_letter_topic, kafka.partitions, replication()),
+    ];
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin
-        .create_topics([&topic], &options)
+        .create_topics(&topics, &options)
         .await
         .with_context(|| format!("cannot create topic {}", kafka.topic))?;
     for result in results {

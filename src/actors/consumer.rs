@@ -7,14 +7,21 @@
 //! that the batch committed; librdkafka commits stored offsets in the background and when
 //! the consumer closes. While PostgreSQL fails, the consumer retries the same batch every
 //! `db_writer.retry_delay_ms` and reads nothing new, so the backlog waits in Kafka.
+//!
+//! A message that is not a logpipe event, and an event PostgreSQL rejects for its content,
+//! goes to `kafka.dead_letter_topic` with the error in the `logpipe-error` header before its
+//! offset is stored, so it is never lost and never stops its partition.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -23,6 +30,20 @@ use super::db_writer::{DbWriter, WriteBatch, WriteError, WriteOutcome};
 use crate::config::{Config, DbWriterConfig};
 use crate::event::Event;
 use crate::kafka;
+
+/// Header of a dead-letter message that carries why it could not be stored.
+pub const HEADER_ERROR: &str = "logpipe-error";
+/// Header of a dead-letter message naming where it came from: `topic/partition/offset`.
+pub const HEADER_SOURCE: &str = "logpipe-source";
+
+/// Counters shared by every consumer of a process, for metrics.
+#[derive(Debug, Default)]
+pub struct ConsumerCounters {
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+    /// Rows written to PostgreSQL.
+    pub rows_written: AtomicU64,
+}
 
 /// Why a consumer stopped on its own; the supervisor starts a new one.
 #[derive(Debug, thiserror::Error)]
@@ -55,34 +76,59 @@ impl Batch {
     }
 }
 
+/// A message on its way to the dead-letter topic.
+struct DeadLetter {
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    source: String,
+    error: String,
+}
+
+/// The outcome of an attempt that shutdown may cut short.
+enum Attempt<T> {
+    Done(T),
+    Interrupted,
+}
+
 /// One consumer; see the module documentation.
 pub struct ConsumerTask {
     index: usize,
     topic: String,
     consumer: StreamConsumer,
+    dead_letters: FutureProducer,
+    dead_letter_topic: String,
     db_writer: Addr<DbWriter>,
     settings: DbWriterConfig,
+    counters: Arc<ConsumerCounters>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl ConsumerTask {
-    /// Creates the consumer and subscribes it to the topic.
+    /// Creates the consumer, subscribed to the topic, and its dead-letter producer.
     pub fn new(
         index: usize,
         config: &Config,
         db_writer: Addr<DbWriter>,
+        counters: Arc<ConsumerCounters>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, ConsumerError> {
         let consumer: StreamConsumer = kafka::consumer_config(&config.kafka, &config.consumer)
             .create()
             .map_err(ConsumerError::Create)?;
         consumer.subscribe(&[&config.kafka.topic])?;
+        let dead_letters: FutureProducer = kafka::producer_config(&config.kafka, &config.producer)
+            .create()
+            .map_err(ConsumerError::Create)?;
         Ok(Self {
             index,
             topic: config.kafka.topic.clone(),
             consumer,
+            dead_letters,
+            dead_letter_topic: config.kafka.dead_letter_topic.clone(),
             db_writer,
             settings: config.db_writer.clone(),
+            counters,
             shutdown,
         })
     }
@@ -93,16 +139,24 @@ impl ConsumerTask {
         let mut batch = Batch::default();
         loop {
             let deadline = batch.started.map(|started| started + flush_interval);
-            tokio::select! {
-                received = self.consumer.recv() => match received {
-                    Ok(message) => {
-                        let event = self.decode(&message);
-                        batch.push(message.partition(), message.offset(), event);
-                    }
-                    Err(err) => tracing::warn!(consumer = self.index, error = %err, "kafka consumer error"),
-                },
-                _ = sleep_until(deadline) => {}
+            let received = tokio::select! {
+                received = self.consumer.recv() => Some(received.map(|message| message.detach())),
+                _ = sleep_until(deadline) => None,
                 _ = self.shutdown.changed() => break,
+            };
+            match received {
+                Some(Ok(message)) => {
+                    let partition = message.partition();
+                    let offset = message.offset();
+                    match self.decode(&message).await {
+                        Attempt::Done(event) => batch.push(partition, offset, event),
+                        Attempt::Interrupted => break,
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(consumer = self.index, error = %err, "kafka consumer error")
+                }
+                None => {}
             }
             let full = batch.events.len() >= self.settings.batch_size;
             let due = deadline.is_some_and(|deadline| Instant::now() >= deadline);
@@ -115,24 +169,74 @@ impl ConsumerTask {
         Ok(())
     }
 
-    /// Decodes a message; an undecodable one is logged and skipped.
-    fn decode(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Event> {
+    /// Decodes a message; one that is not an event goes to the dead-letter topic.
+    async fn decode(&self, message: &rdkafka::message::OwnedMessage) -> Attempt<Option<Event>> {
         let payload = message.payload().unwrap_or_default();
-        match serde_json::from_slice(payload) {
-            Ok(event) => Some(event),
-            Err(err) => {
-                // NOTE: an undecodable message is skipped after this log line and its
-                // offset is committed with the batch; it is not kept anywhere else.
-                tracing::error!(
-                    consumer = self.index,
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    error = %err,
-                    "skipped a message that is not a logpipe event"
-                );
-                None
+        let err = match serde_json::from_slice(payload) {
+            Ok(event) => return Attempt::Done(Some(event)),
+            Err(err) => err,
+        };
+        let letter = DeadLetter {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            headers: message.headers().cloned(),
+            source: format!(
+                "{}/{}/{}",
+                message.topic(),
+                message.partition(),
+                message.offset()
+            ),
+            error: format!("not a logpipe event: {err}"),
+        };
+        match self.dead_letter(letter).await {
+            Attempt::Done(()) => Attempt::Done(None),
+            Attempt::Interrupted => Attempt::Interrupted,
+        }
+    }
+
+    /// Publishes a message to the dead-letter topic, retrying until the broker
+    /// acknowledges it or shutdown is signalled.
+    async fn dead_letter(&self, letter: DeadLetter) -> Attempt<()> {
+        let headers = letter
+            .headers
+            .unwrap_or_else(OwnedHeaders::new)
+            .insert(Header {
+                key: HEADER_ERROR,
+                value: Some(letter.error.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_SOURCE,
+                value: Some(letter.source.as_bytes()),
+            });
+        let mut logged = false;
+        loop {
+            let mut record = FutureRecord::to(&self.dead_letter_topic)
+                .payload(&letter.payload)
+                .headers(headers.clone());
+            if let Some(key) = &letter.key {
+                record = record.key(key);
+            }
+            match self.dead_letters.send(record, Duration::from_secs(5)).await {
+                Ok(_) => break,
+                Err((err, _)) if !logged => {
+                    tracing::warn!(consumer = self.index, error = %err, "cannot publish to the dead-letter topic, retrying");
+                    logged = true;
+                }
+                Err(_) => {}
+            }
+            if self.wait_retry().await {
+                return Attempt::Interrupted;
             }
         }
+        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            consumer = self.index,
+            source = %letter.source,
+            topic = %self.dead_letter_topic,
+            error = %letter.error,
+            "moved a message that cannot be stored to the dead-letter topic"
+        );
+        Attempt::Done(())
     }
 
     /// Writes the batch, retrying while PostgreSQL fails, then stores its offsets. Gives
@@ -142,6 +246,29 @@ impl ConsumerTask {
             return Ok(());
         }
         let events = Arc::new(batch.events);
+        let written = match self.write_until_stored(Arc::clone(&events)).await? {
+            Attempt::Done(Ok(_)) => true,
+            Attempt::Done(Err(err)) => self.write_each(&events, &err).await?,
+            Attempt::Interrupted => false,
+        };
+        if written {
+            self.store_offsets(&batch.offsets);
+        } else {
+            tracing::warn!(
+                consumer = self.index,
+                events = events.len(),
+                "shutting down with an unwritten batch; Kafka will deliver it again"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes a batch, retrying transient failures. Returns the error of a batch that
+    /// PostgreSQL rejects for its content, which no retry can fix.
+    async fn write_until_stored(
+        &self,
+        events: Arc<Vec<Event>>,
+    ) -> Result<Attempt<Result<WriteOutcome, WriteError>>, ConsumerError> {
         let mut failures = 0u32;
         loop {
             match self.write(Arc::clone(&events)).await? {
@@ -149,15 +276,12 @@ impl ConsumerTask {
                     if failures > 0 {
                         tracing::info!(consumer = self.index, "PostgreSQL writes succeed again");
                     }
-                    tracing::debug!(
-                        consumer = self.index,
-                        inserted = outcome.inserted,
-                        duplicates = outcome.duplicates,
-                        "wrote batch"
-                    );
-                    self.store_offsets(&batch.offsets);
-                    return Ok(());
+                    self.counters
+                        .rows_written
+                        .fetch_add(outcome.inserted, Ordering::Relaxed);
+                    return Ok(Attempt::Done(Ok(outcome)));
                 }
+                Err(err) if err.is_permanent() => return Ok(Attempt::Done(Err(err))),
                 Err(err) => {
                     if failures == 0 {
                         tracing::warn!(consumer = self.index, error = %err, events = events.len(), "cannot write batch to PostgreSQL, retrying");
@@ -165,14 +289,52 @@ impl ConsumerTask {
                     failures += 1;
                 }
             }
-            let delay = Duration::from_millis(self.settings.retry_delay_ms);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.shutdown.changed() => {
-                    tracing::warn!(consumer = self.index, events = events.len(), "shutting down with an unwritten batch; Kafka will deliver it again");
-                    return Ok(());
-                }
+            if self.wait_retry().await {
+                return Ok(Attempt::Interrupted);
             }
+        }
+    }
+
+    /// Writes the events of a rejected batch one by one, so that only the events
+    /// PostgreSQL rejects go to the dead-letter topic. Returns false when shutdown cut it
+    /// short.
+    async fn write_each(
+        &self,
+        events: &[Event],
+        batch_error: &WriteError,
+    ) -> Result<bool, ConsumerError> {
+        tracing::warn!(consumer = self.index, error = %batch_error, events = events.len(), "PostgreSQL rejected a batch; writing its events one by one");
+        for event in events {
+            let single = Arc::new(vec![event.clone()]);
+            let err = match self.write_until_stored(single).await? {
+                Attempt::Done(Ok(_)) => continue,
+                Attempt::Done(Err(err)) => err,
+                Attempt::Interrupted => return Ok(false),
+            };
+            let letter = DeadLetter {
+                key: Some(event.service_name.as_bytes().to_vec()),
+                payload: serde_json::to_vec(event).unwrap_or_default(),
+                headers: None,
+                source: format!("event/{}", event.id),
+                error: format!("rejected by PostgreSQL: {err}"),
+            };
+            if let Attempt::Interrupted = self.dead_letter(letter).await {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits `db_writer.retry_delay_ms`; true when shutdown was signalled meanwhile.
+    async fn wait_retry(&self) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        if *shutdown.borrow() {
+            return true;
+        }
+        let delay = Duration::from_millis(self.settings.retry_delay_ms);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            _ = shutdown.changed() => true,
         }
     }
 

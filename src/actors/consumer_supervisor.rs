@@ -1,22 +1,31 @@
 //! `ConsumerSupervisor`: owns the Kafka consumers of this process.
 //!
 //! Messages: [`Stop`] (stop every consumer after it wrote its current batch, reply when
-//! all have stopped) and [`Status`] (how many consumers run). Mailbox capacity:
+//! all have stopped) and [`Status`] (the state of each consumer). Mailbox capacity:
 //! `mailbox.consumer_supervisor`.
 //!
 //! It starts `consumer.consumers` consumers in the group `consumer.group_id`. A consumer
-//! that fails, or cannot be created, is started again after `consumer.restart_delay_ms`,
-//! for as long as the supervisor runs.
+//! that fails, or cannot be created, is started again after a delay that starts at
+//! `consumer.restart_initial_delay_ms` and doubles with each failure in a row up to
+//! `consumer.restart_max_delay_ms`, for as long as the supervisor runs. Each restart is
+//! logged once with its cause and counted.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio::sync::watch;
 
-use super::consumer::{ConsumerError, ConsumerTask};
+use super::consumer::{ConsumerCounters, ConsumerError, ConsumerTask};
 use super::db_writer::DbWriter;
 use super::Reply;
 use crate::config::Config;
+
+/// A consumer that ran this long without failing starts its next restart delay over from
+/// the initial one.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 /// Stops every consumer and replies once all have stopped.
 #[derive(Message)]
@@ -25,11 +34,30 @@ pub struct Stop {
     pub reply: Reply<()>,
 }
 
-/// Replies with the number of consumers running now.
+/// Replies with the state of each consumer.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Status {
-    pub reply: Reply<usize>,
+    pub reply: Reply<Vec<ConsumerStatus>>,
+}
+
+/// The state of one consumer, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerStatus {
+    pub index: usize,
+    /// `running`, `restarting` or `stopped`.
+    pub state: &'static str,
+    /// When the consumer last started, or began waiting for its restart.
+    pub since: DateTime<Utc>,
+    pub restarts: u64,
+    /// The kind of the last failure, without its details.
+    pub last_error: Option<&'static str>,
+}
+
+impl ConsumerStatus {
+    pub fn is_running(&self) -> bool {
+        self.state == "running"
+    }
 }
 
 /// The actor; see the module documentation.
@@ -37,23 +65,57 @@ pub struct ConsumerSupervisor {
     config: Config,
     db_writer: Addr<DbWriter>,
     shutdown: watch::Sender<bool>,
-    running: usize,
+    consumers: Vec<Slot>,
     stop_waiters: Vec<Reply<()>>,
+    counters: Arc<ConsumerCounters>,
+}
+
+/// What the supervisor knows of one consumer.
+struct Slot {
+    status: ConsumerStatus,
+    failures_in_row: u32,
+    started: tokio::time::Instant,
 }
 
 impl ConsumerSupervisor {
     pub fn new(config: Config, db_writer: Addr<DbWriter>) -> Self {
+        let consumers = (0..config.consumer.consumers)
+            .map(|index| Slot {
+                status: ConsumerStatus {
+                    index,
+                    state: "restarting",
+                    since: Utc::now(),
+                    restarts: 0,
+                    last_error: None,
+                },
+                failures_in_row: 0,
+                started: tokio::time::Instant::now(),
+            })
+            .collect();
         Self {
             config,
             db_writer,
             shutdown: watch::channel(false).0,
-            running: 0,
+            consumers,
             stop_waiters: Vec::new(),
+            counters: Arc::default(),
         }
+    }
+
+    /// The counters the consumers update; shared, so they can be read from any thread.
+    pub fn counters(&self) -> Arc<ConsumerCounters> {
+        Arc::clone(&self.counters)
     }
 
     fn is_stopping(&self) -> bool {
         *self.shutdown.borrow()
+    }
+
+    fn running(&self) -> usize {
+        self.consumers
+            .iter()
+            .filter(|slot| slot.status.is_running())
+            .count()
     }
 
     fn start_consumer(&mut self, index: usize, ctx: &mut Context<Self>) {
@@ -64,16 +126,19 @@ impl ConsumerSupervisor {
             index,
             &self.config,
             self.db_writer.clone(),
+            Arc::clone(&self.counters),
             self.shutdown.subscribe(),
         );
         let task = match task {
             Ok(task) => task,
             Err(err) => return self.consumer_exited(index, Err(err), ctx),
         };
-        self.running += 1;
+        let slot = &mut self.consumers[index];
+        slot.status.state = "running";
+        slot.status.since = Utc::now();
+        slot.started = tokio::time::Instant::now();
         tracing::info!(consumer = index, group = %self.config.consumer.group_id, "consumer started");
         ctx.spawn(task.run().into_actor(self).map(move |result, actor, ctx| {
-            actor.running -= 1;
             actor.consumer_exited(index, result, ctx);
         }));
     }
@@ -84,22 +149,49 @@ impl ConsumerSupervisor {
         result: Result<(), ConsumerError>,
         ctx: &mut Context<Self>,
     ) {
-        if let Err(err) = result {
-            tracing::error!(consumer = index, error = %err, "consumer failed, restarting it");
-            if !self.is_stopping() {
-                let delay = Duration::from_millis(self.config.consumer.restart_delay_ms);
+        let stopping = self.is_stopping();
+        let slot = &mut self.consumers[index];
+        slot.status.since = Utc::now();
+        match result {
+            Err(err) if !stopping => {
+                if slot.started.elapsed() >= HEALTHY_RUN {
+                    slot.failures_in_row = 0;
+                }
+                slot.failures_in_row += 1;
+                slot.status.restarts += 1;
+                slot.status.state = "restarting";
+                slot.status.last_error = Some(error_class(&err));
+                let delay = restart_delay(&self.config, slot.failures_in_row);
+                tracing::error!(consumer = index, error = %err, restart_in_ms = delay.as_millis() as u64, "consumer failed, restarting it");
                 ctx.run_later(delay, move |actor, ctx| actor.start_consumer(index, ctx));
             }
+            _ => slot.status.state = "stopped",
         }
         self.answer_stop_waiters();
     }
 
     fn answer_stop_waiters(&mut self) {
-        if self.running == 0 && self.is_stopping() {
+        if self.running() == 0 && self.is_stopping() {
             for waiter in self.stop_waiters.drain(..) {
                 let _ = waiter.send(());
             }
         }
+    }
+}
+
+/// The delay before restart number `failures` in a row: the initial delay, doubled for
+/// each earlier failure, capped at the maximum.
+fn restart_delay(config: &Config, failures: u32) -> Duration {
+    let initial = config.consumer.restart_initial_delay_ms;
+    let doubled = initial.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
+    Duration::from_millis(doubled.min(config.consumer.restart_max_delay_ms))
+}
+
+fn error_class(err: &ConsumerError) -> &'static str {
+    match err {
+        ConsumerError::Create(_) => "create",
+        ConsumerError::Kafka(_) => "kafka",
+        ConsumerError::WriterStopped => "db_writer_stopped",
     }
 }
 
@@ -108,7 +200,7 @@ impl Actor for ConsumerSupervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.mailbox.consumer_supervisor);
-        for index in 0..self.config.consumer.consumers {
+        for index in 0..self.consumers.len() {
             self.start_consumer(index, ctx);
         }
     }
@@ -119,6 +211,11 @@ impl Handler<Stop> for ConsumerSupervisor {
 
     fn handle(&mut self, msg: Stop, _ctx: &mut Context<Self>) {
         self.shutdown.send_replace(true);
+        for slot in &mut self.consumers {
+            if !slot.status.is_running() {
+                slot.status.state = "stopped";
+            }
+        }
         self.stop_waiters.push(msg.reply);
         self.answer_stop_waiters();
     }
@@ -128,6 +225,37 @@ impl Handler<Status> for ConsumerSupervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Status, _ctx: &mut Context<Self>) {
-        let _ = msg.reply.send(self.running);
+        let statuses = self
+            .consumers
+            .iter()
+            .map(|slot| slot.status.clone())
+            .collect();
+        let _ = msg.reply.send(statuses);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_doubles_to_max() {
+        let mut config = Config::default();
+        config.consumer.restart_initial_delay_ms = 500;
+        config.consumer.restart_max_delay_ms = 3000;
+        let delays: Vec<u64> = (1..=6)
+            .map(|failures| restart_delay(&config, failures).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, vec![500, 1000, 2000, 3000, 3000, 3000]);
+    }
+
+    #[test]
+    fn restart_delay_survives_many_failures() {
+        let config = Config::default();
+        let delay = restart_delay(&config, u32::MAX);
+        assert_eq!(
+            delay,
+            Duration::from_millis(config.consumer.restart_max_delay_ms)
+        );
     }
 }

@@ -40,6 +40,19 @@ pub enum WriteError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+impl WriteError {
+    /// True when PostgreSQL rejected the data itself, which no retry can fix: SQLSTATE
+    /// classes 22 (data exception, such as a NUL character in text), 23 (integrity
+    /// constraint violation) and 54 (program limit exceeded).
+    pub fn is_permanent(&self) -> bool {
+        let Self::Postgres(err) = self else {
+            return false;
+        };
+        err.code()
+            .is_some_and(|state| matches!(&state.code()[..2], "22" | "23" | "54"))
+    }
+}
+
 /// Writes `events` in one transaction and replies once it committed.
 #[derive(Message)]
 #[rtype(result = "()")]

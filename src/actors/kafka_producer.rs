@@ -77,6 +77,14 @@ pub struct Ping {
     pub reply: Reply<Result<(), PublishError>>,
 }
 
+/// Waits up to `timeout` for every queued event to be acknowledged; used at shutdown.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush {
+    pub timeout: Duration,
+    pub reply: Reply<()>,
+}
+
 /// The actor; see the module documentation.
 pub struct KafkaProducer {
     producer: FutureProducer,
@@ -138,12 +146,6 @@ impl Actor for KafkaProducer {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.mailbox_capacity);
     }
-
-    fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        if let Err(err) = self.producer.flush(Duration::from_secs(5)) {
-            tracing::error!(error = %err, "events still queued in the producer at shutdown");
-        }
-    }
 }
 
 impl Handler<Publish> for KafkaProducer {
@@ -168,6 +170,23 @@ impl Handler<Publish> for KafkaProducer {
             }
             let _ = msg.reply.send(result);
         });
+    }
+}
+
+impl Handler<Flush> for KafkaProducer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Flush, _ctx: &mut Context<Self>) {
+        // Blocks this actor's thread, which is what shutdown wants: nothing else is sent.
+        match self.producer.flush(msg.timeout) {
+            Ok(()) => tracing::info!("producer flushed"),
+            Err(err) => tracing::error!(
+                error = %err,
+                queued = self.producer.in_flight_count(),
+                "events still unacknowledged at shutdown"
+            ),
+        }
+        let _ = msg.reply.send(());
     }
 }
 

@@ -216,8 +216,7 @@ async fn check_login_failures(state: &AppState, subjects: &[String; 2]) -> Resul
         };
         match call(limiter, build, state.ingest_deadline()).await {
             Ok(Ok(decision)) if !decision.allowed => {
-                return Err(ApiError::RateLimited {
-                    limit: limit.per_minute,
+                return Err(ApiError::TooManyLogins {
                     retry_after: decision.retry_after,
                 });
             }

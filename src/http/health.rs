@@ -1,6 +1,7 @@
 //! `GET /healthz` (the process is alive) and `GET /readyz` (its dependencies respond).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
@@ -20,6 +21,7 @@ pub async fn healthz() -> HttpResponse {
 /// Checks each dependency this process uses; 503 names the ones that fail.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut checks = BTreeMap::new();
+    checks.insert("accepting", !state.draining.load(Ordering::Relaxed));
     checks.insert("postgres", check_postgres(&state).await);
     if let Some(limiter) = &state.rate_limiter {
         let answer = call(limiter, |reply| rate_limiter::Ping { reply }, CHECK_TIMEOUT).await;
@@ -34,13 +36,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .await;
         checks.insert("kafka", matches!(answer, Ok(Ok(()))));
     }
+    let mut consumers = None;
     if let Some(supervisor) = &state.supervisor {
-        let running = call(supervisor, |reply| Status { reply }, CHECK_TIMEOUT).await;
-        let expected = state.config.consumer.consumers;
-        checks.insert(
-            "consumers",
-            running.is_ok_and(|running| running == expected),
-        );
+        let statuses = call(supervisor, |reply| Status { reply }, CHECK_TIMEOUT)
+            .await
+            .unwrap_or_default();
+        let all_running = !statuses.is_empty() && statuses.iter().all(|status| status.is_running());
+        checks.insert("consumers", all_running);
+        consumers = Some(statuses);
     }
 
     let failing: Vec<&str> = checks
@@ -53,7 +56,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .map(|(name, ok)| (*name, if *ok { "ok" } else { "unavailable" }))
         .collect();
     if failing.is_empty() {
-        return HttpResponse::Ok().json(json!({"status": "ready", "checks": report}));
+        return HttpResponse::Ok().json(json!({
+            "status": "ready",
+            "checks": report,
+            "consumers": consumers,
+        }));
     }
     HttpResponse::ServiceUnavailable()
         .insert_header((
@@ -66,6 +73,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 "message": format!("not ready: {} unavailable", failing.join(", ")),
             },
             "checks": report,
+            "consumers": consumers,
         }))
 }
 

@@ -3,6 +3,8 @@
 //! The 202 is sent only after Kafka acknowledged every event of the request. A request
 //! with any invalid event is rejected whole and nothing of it is published.
 
+use std::sync::atomic::Ordering;
+
 use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -38,6 +40,12 @@ pub async fn ingest(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let received_at = Utc::now();
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::Unavailable {
+            what: "logpipe (shutting down)",
+            retry_after: state.retry_after(),
+        });
+    }
     let key = authenticate_key(&state, &req).await?;
 
     let decision = rate_limit(&state, &key).await?;

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod logs;
 
 use std::future::{ready, Ready};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     /// An argon2id hash checked when a login names an unknown user, so that a wrong
     /// username takes as long as a wrong password.
     pub dummy_password_hash: String,
+    /// Set once a shutdown signal arrived: new ingest requests then get 503.
+    pub draining: Arc<AtomicBool>,
     pub rate_limiter: Option<Addr<RateLimiter>>,
     pub producer: Option<Addr<KafkaProducer>>,
     pub supervisor: Option<Addr<ConsumerSupervisor>>,

@@ -32,6 +32,7 @@ pub fn test_config() -> Config {
     config.http.listen = "127.0.0.1:0".into();
     config.http.workers = 2;
     config.kafka.topic = format!("logpipe.test.{suffix}");
+    config.kafka.dead_letter_topic = format!("logpipe.test.{suffix}.dlq");
     config.consumer.group_id = format!("logpipe-test-{suffix}");
     config.auth.jwt_secret = JWT_SECRET.into();
     config.db_writer.flush_interval_ms = 50;
