@@ -199,7 +199,7 @@ impl ConsumerTask {
     async fn dead_letter(&self, letter: DeadLetter) -> Attempt<()> {
         let headers = letter
             .headers
-            .unwrap_or_else(OwnedHeaders::new)
+            .unwrap_or_default()
             .insert(Header {
                 key: HEADER_ERROR,
                 value: Some(letter.error.as_bytes()),
