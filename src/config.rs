@@ -56,7 +56,7 @@ pub struct HttpConfig {
     /// Largest accepted request body, in bytes. Default 5 MiB.
     pub body_limit_bytes: usize,
     /// How long an ingest request may wait for the rate limiter and Kafka before it gets
-    /// 503, in milliseconds. Default 5000.
+    /// 503, in milliseconds. Default 2000.
     pub ingest_deadline_ms: u64,
     /// Seconds a client should wait (`Retry-After`) after a 503. Default 1.
     pub retry_after_secs: u64,
@@ -71,7 +71,7 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".into(),
             workers: 0,
             body_limit_bytes: 5 * 1024 * 1024,
-            ingest_deadline_ms: 5000,
+            ingest_deadline_ms: 2000,
             retry_after_secs: 1,
             shutdown_timeout_secs: 30,
         }
@@ -162,7 +162,7 @@ pub struct ProducerConfig {
     /// Time the producer waits to fill a batch, in milliseconds (`linger.ms`). Default 5.
     pub linger_ms: u64,
     /// Time after which an unacknowledged event counts as failed, in milliseconds
-    /// (`delivery.timeout.ms`). Keep it below `http.ingest_deadline_ms`. Default 4000.
+    /// (`delivery.timeout.ms`). Keep it below `http.ingest_deadline_ms`. Default 1500.
     pub delivery_timeout_ms: u64,
     /// Events the producer may hold before new ones are rejected with 503
     /// (`queue.buffering.max.messages`). Default 100000.
@@ -175,7 +175,7 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         Self {
             linger_ms: 5,
-            delivery_timeout_ms: 4000,
+            delivery_timeout_ms: 1500,
             queue_max_messages: 100_000,
             compression: "lz4".into(),
         }
