@@ -17,6 +17,7 @@ use crate::actors::consumer_supervisor::{ConsumerSupervisor, Stop};
 use crate::actors::db_writer::DbWriter;
 use crate::actors::kafka_producer::{Flush, KafkaProducer};
 use crate::actors::rate_limiter::RateLimiter;
+use crate::actors::SharedStatus;
 use crate::auth::{self, TokenKeys};
 use crate::config::Config;
 use crate::http::{self, AppState};
@@ -108,11 +109,15 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     }
 
     let mut arbiters = Vec::new();
-    let (rate_limiter, producer) = if role.runs_api() {
-        let (rate_limiter, producer) = start_api_actors(&config, &mut arbiters)?;
-        (Some(rate_limiter), Some(producer))
+    let (rate_limiter, producer, actor_statuses) = if role.runs_api() {
+        let actors = start_api_actors(&config, &mut arbiters)?;
+        (
+            Some(actors.rate_limiter),
+            Some(actors.producer),
+            actors.statuses,
+        )
     } else {
-        (None, None)
+        (None, None, Vec::new())
     };
     let supervisor = if role.runs_consumers() {
         Some(start_consumer_actors(&config, &pool, &mut arbiters))
@@ -130,6 +135,7 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         dummy_password_hash: dummy_password_hash().await?,
         rate_limiter,
         producer: producer.clone(),
+        actor_statuses,
         supervisor: supervisor.clone(),
     });
     let (server, addr) = http_server(&config, state, role)?;
@@ -147,29 +153,37 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     })
 }
 
-fn start_api_actors(
-    config: &Config,
-    arbiters: &mut Vec<Arbiter>,
-) -> anyhow::Result<(Addr<RateLimiter>, Addr<KafkaProducer>)> {
-    let producer = KafkaProducer::new(
-        &config.kafka,
-        &config.producer,
-        config.mailbox.kafka_producer,
-    )
-    .context("cannot create the Kafka producer")?;
+/// The API's actors and their statuses for `/readyz`.
+struct ApiActors {
+    rate_limiter: Addr<RateLimiter>,
+    producer: Addr<KafkaProducer>,
+    statuses: Vec<(&'static str, SharedStatus)>,
+}
+
+fn start_api_actors(config: &Config, arbiters: &mut Vec<Arbiter>) -> anyhow::Result<ApiActors> {
+    let producer = KafkaProducer::new(config).context("cannot create the Kafka producer")?;
+    let producer_status = producer.status();
     let producer_arbiter = Arbiter::new();
-    let producer = KafkaProducer::start_in_arbiter(&producer_arbiter.handle(), |_| producer);
+    let producer = Supervisor::start_in_arbiter(&producer_arbiter.handle(), move |_| producer);
     arbiters.push(producer_arbiter);
 
-    let redis = config.redis.clone();
-    let limits = config.rate_limit.clone();
-    let capacity = config.mailbox.rate_limiter;
+    let limiter = RateLimiter::new(
+        config.redis.clone(),
+        config.rate_limit.clone(),
+        config.mailbox.rate_limiter,
+    );
+    let limiter_status = limiter.status();
     let limiter_arbiter = Arbiter::new();
-    let limiter = Supervisor::start_in_arbiter(&limiter_arbiter.handle(), move |_| {
-        RateLimiter::new(redis, limits, capacity)
-    });
+    let rate_limiter = Supervisor::start_in_arbiter(&limiter_arbiter.handle(), move |_| limiter);
     arbiters.push(limiter_arbiter);
-    Ok((limiter, producer))
+    Ok(ApiActors {
+        rate_limiter,
+        producer,
+        statuses: vec![
+            ("kafka_producer", producer_status),
+            ("rate_limiter", limiter_status),
+        ],
+    })
 }
 
 fn start_consumer_actors(

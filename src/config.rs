@@ -42,6 +42,7 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub auth: AuthConfig,
     pub mailbox: MailboxConfig,
+    pub supervision: SupervisionConfig,
     pub log: LogConfig,
 }
 
@@ -192,12 +193,6 @@ pub struct ConsumerConfig {
     pub consumers: usize,
     /// Group session timeout, in milliseconds (`session.timeout.ms`). Default 10000.
     pub session_timeout_ms: u64,
-    /// Delay before a failed consumer is started again, in milliseconds; it doubles with
-    /// each failure in a row. Default 500.
-    pub restart_initial_delay_ms: u64,
-    /// Longest delay between restarts of a failing consumer, in milliseconds.
-    /// Default 30000.
-    pub restart_max_delay_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -206,8 +201,6 @@ impl Default for ConsumerConfig {
             group_id: "logpipe".into(),
             consumers: 2,
             session_timeout_ms: 10_000,
-            restart_initial_delay_ms: 500,
-            restart_max_delay_ms: 30_000,
         }
     }
 }
@@ -337,6 +330,36 @@ impl Default for MailboxConfig {
             db_writer: 64,
             consumer_supervisor: 16,
         }
+    }
+}
+
+/// How supervisors restart a failed actor or consumer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Delay before a failed actor or consumer is started again, in milliseconds; it
+    /// doubles with each failure in a row. Default 500.
+    pub restart_initial_delay_ms: u64,
+    /// Longest delay between restarts, in milliseconds. Default 30000.
+    pub restart_max_delay_ms: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            restart_initial_delay_ms: 500,
+            restart_max_delay_ms: 30_000,
+        }
+    }
+}
+
+impl SupervisionConfig {
+    /// Returns the delay before restart number `failures` in a row: the initial delay,
+    /// doubled for each earlier failure, capped at the maximum.
+    pub fn restart_delay(&self, failures: u32) -> std::time::Duration {
+        let doubling = 1u64 << failures.saturating_sub(1).min(20);
+        let delay = self.restart_initial_delay_ms.saturating_mul(doubling);
+        std::time::Duration::from_millis(delay.min(self.restart_max_delay_ms))
     }
 }
 

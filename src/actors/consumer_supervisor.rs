@@ -6,8 +6,8 @@
 //!
 //! It starts `consumer.consumers` consumers in the group `consumer.group_id`. A consumer
 //! that fails, or cannot be created, is started again after a delay that starts at
-//! `consumer.restart_initial_delay_ms` and doubles with each failure in a row up to
-//! `consumer.restart_max_delay_ms`, for as long as the supervisor runs. Each restart is
+//! `supervision.restart_initial_delay_ms` and doubles with each failure in a row up to
+//! `supervision.restart_max_delay_ms`, for as long as the supervisor runs. Each restart is
 //! logged once with its cause and counted.
 
 use std::sync::Arc;
@@ -161,7 +161,7 @@ impl ConsumerSupervisor {
                 slot.status.restarts += 1;
                 slot.status.state = "restarting";
                 slot.status.last_error = Some(error_class(&err));
-                let delay = restart_delay(&self.config, slot.failures_in_row);
+                let delay = self.config.supervision.restart_delay(slot.failures_in_row);
                 tracing::error!(consumer = index, error = %err, restart_in_ms = delay.as_millis() as u64, "consumer failed, restarting it");
                 ctx.run_later(delay, move |actor, ctx| actor.start_consumer(index, ctx));
             }
@@ -177,14 +177,6 @@ impl ConsumerSupervisor {
             }
         }
     }
-}
-
-/// The delay before restart number `failures` in a row: the initial delay, doubled for
-/// each earlier failure, capped at the maximum.
-fn restart_delay(config: &Config, failures: u32) -> Duration {
-    let initial = config.consumer.restart_initial_delay_ms;
-    let doubled = initial.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
-    Duration::from_millis(doubled.min(config.consumer.restart_max_delay_ms))
 }
 
 fn error_class(err: &ConsumerError) -> &'static str {
@@ -236,26 +228,28 @@ impl Handler<Status> for ConsumerSupervisor {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::config::SupervisionConfig;
+    use std::time::Duration;
 
     #[test]
     fn restart_delay_doubles_to_max() {
-        let mut config = Config::default();
-        config.consumer.restart_initial_delay_ms = 500;
-        config.consumer.restart_max_delay_ms = 3000;
+        let supervision = SupervisionConfig {
+            restart_initial_delay_ms: 500,
+            restart_max_delay_ms: 3000,
+        };
         let delays: Vec<u64> = (1..=6)
-            .map(|failures| restart_delay(&config, failures).as_millis() as u64)
+            .map(|failures| supervision.restart_delay(failures).as_millis() as u64)
             .collect();
         assert_eq!(delays, vec![500, 1000, 2000, 3000, 3000, 3000]);
     }
 
     #[test]
     fn restart_delay_survives_many_failures() {
-        let config = Config::default();
-        let delay = restart_delay(&config, u32::MAX);
+        let supervision = SupervisionConfig::default();
+        let delay = supervision.restart_delay(u32::MAX);
         assert_eq!(
             delay,
-            Duration::from_millis(config.consumer.restart_max_delay_ms)
+            Duration::from_millis(supervision.restart_max_delay_ms)
         );
     }
 }

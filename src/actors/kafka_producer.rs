@@ -10,6 +10,11 @@
 //! the reply is an error and the client gets 503. Events of a failed batch may still have
 //! been written, so a client retry can store an event twice unless the client sets the
 //! event `id` itself, in which case the retry is harmless.
+//!
+//! librdkafka reconnects to the brokers by itself. When the producer hits a fatal error
+//! (an idempotent producer that lost its sequence state, for example), the actor stops and
+//! its supervisor starts it again with a new producer after a delay that doubles with each
+//! failure in a row (`[supervision]`). The restart is logged once and counted.
 
 use std::time::Duration;
 
@@ -19,8 +24,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::Reply;
-use crate::config::{KafkaConfig, ProducerConfig};
+use super::{Reply, SharedStatus};
+use crate::config::{Config, KafkaConfig, ProducerConfig, SupervisionConfig};
 use crate::event::Event;
 use crate::kafka::{self, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT_ID};
 
@@ -85,27 +90,42 @@ pub struct Flush {
     pub reply: Reply<()>,
 }
 
+/// Sent by a failed delivery: checks whether the producer hit a fatal error.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct CheckFatal;
+
 /// The actor; see the module documentation.
 pub struct KafkaProducer {
+    kafka: KafkaConfig,
+    settings: ProducerConfig,
+    supervision: SupervisionConfig,
     producer: FutureProducer,
-    topic: String,
     mailbox_capacity: usize,
+    failures_in_row: u32,
+    status: SharedStatus,
 }
 
 impl KafkaProducer {
     /// Creates the producer. Connecting happens in the background, so this succeeds while
     /// the brokers are down.
-    pub fn new(
-        kafka: &KafkaConfig,
-        producer: &ProducerConfig,
-        mailbox_capacity: usize,
-    ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = kafka::producer_config(kafka, producer).create()?;
+    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+        let producer: FutureProducer =
+            kafka::producer_config(&config.kafka, &config.producer).create()?;
         Ok(Self {
+            kafka: config.kafka.clone(),
+            settings: config.producer.clone(),
+            supervision: config.supervision.clone(),
             producer,
-            topic: kafka.topic.clone(),
-            mailbox_capacity,
+            mailbox_capacity: config.mailbox.kafka_producer,
+            failures_in_row: 0,
+            status: SharedStatus::default(),
         })
+    }
+
+    /// The actor's status, for `/readyz`.
+    pub fn status(&self) -> SharedStatus {
+        self.status.clone()
     }
 
     /// Queues every record; stops at the first that cannot be queued.
@@ -124,7 +144,7 @@ impl KafkaProducer {
                     key: HEADER_CONTENT_TYPE,
                     value: Some(CONTENT_TYPE_JSON.as_bytes()),
                 });
-            let message = FutureRecord::to(&self.topic)
+            let message = FutureRecord::to(&self.kafka.topic)
                 .key(record.key.as_bytes())
                 .payload(&record.payload)
                 .headers(headers);
@@ -145,20 +165,53 @@ impl Actor for KafkaProducer {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.mailbox_capacity);
+        if self.failures_in_row > 0 {
+            // Requests find the mailbox closed for the delay and get 503 meanwhile.
+            let delay = self.supervision.restart_delay(self.failures_in_row);
+            ctx.wait(tokio::time::sleep(delay).into_actor(self));
+        }
+        self.status.set("running", None);
+    }
+}
+
+impl Supervised for KafkaProducer {
+    /// Replaces the producer, whose fatal error makes it unusable, with a new one.
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.failures_in_row += 1;
+        match kafka::producer_config(&self.kafka, &self.settings).create() {
+            Ok(producer) => self.producer = producer,
+            Err(err) => tracing::error!(error = %err, "cannot create a new Kafka producer"),
+        }
+    }
+}
+
+impl Handler<CheckFatal> for KafkaProducer {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CheckFatal, ctx: &mut Context<Self>) {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return;
+        };
+        let restarts = self.status.count_restart();
+        self.status.set("restarting", Some("kafka_fatal"));
+        tracing::error!(%code, %reason, restarts, "Kafka producer hit a fatal error; restarting it");
+        ctx.stop();
     }
 }
 
 impl Handler<Publish> for KafkaProducer {
     type Result = ();
 
-    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) {
         let deliveries = match self.enqueue(&msg.records) {
             Ok(deliveries) => deliveries,
             Err(err) => {
                 let _ = msg.reply.send(Err(err));
+                ctx.notify(CheckFatal);
                 return;
             }
         };
+        let addr = ctx.address();
         actix::spawn(async move {
             let mut result = Ok(());
             for delivery in join_all(deliveries).await {
@@ -167,6 +220,9 @@ impl Handler<Publish> for KafkaProducer {
                     Ok(Err((err, _))) => result = Err(PublishError::Kafka(err)),
                     Err(_) => result = Err(PublishError::Canceled),
                 }
+            }
+            if result.is_err() {
+                addr.do_send(CheckFatal);
             }
             let _ = msg.reply.send(result);
         });
@@ -195,7 +251,7 @@ impl Handler<Ping> for KafkaProducer {
 
     fn handle(&mut self, msg: Ping, _ctx: &mut Context<Self>) {
         let producer = self.producer.clone();
-        let topic = self.topic.clone();
+        let topic = self.kafka.topic.clone();
         actix::spawn(async move {
             let lookup = tokio::task::spawn_blocking(move || {
                 producer

@@ -12,10 +12,13 @@ pub mod db_writer;
 pub mod kafka_producer;
 pub mod rate_limiter;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::dev::ToEnvelope;
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use tokio::sync::oneshot;
 
 /// The channel on which an actor sends back the result of a message.
@@ -52,5 +55,63 @@ where
         Ok(Ok(value)) => Ok(value),
         Ok(Err(_)) => Err(CallError::Closed),
         Err(_) => Err(CallError::TimedOut),
+    }
+}
+
+/// The state of a supervised actor, as `/readyz` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActorStatus {
+    /// `running`, `restarting` or `degraded` (running without one of its dependencies).
+    pub state: &'static str,
+    /// When the actor entered this state.
+    pub since: DateTime<Utc>,
+    pub restarts: u64,
+    /// The kind of the last failure, without its details.
+    pub last_error: Option<&'static str>,
+}
+
+/// An actor's status, shared between the actor and the HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct SharedStatus(Arc<Mutex<ActorStatus>>);
+
+impl Default for SharedStatus {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(ActorStatus {
+            state: "running",
+            since: Utc::now(),
+            restarts: 0,
+            last_error: None,
+        })))
+    }
+}
+
+impl SharedStatus {
+    pub fn snapshot(&self) -> ActorStatus {
+        self.lock().clone()
+    }
+
+    /// Moves to `state`; `error` names the failure that caused it, if any.
+    pub fn set(&self, state: &'static str, error: Option<&'static str>) {
+        let mut status = self.lock();
+        if status.state != state {
+            status.state = state;
+            status.since = Utc::now();
+        }
+        if error.is_some() {
+            status.last_error = error;
+        }
+    }
+
+    /// Counts a restart and returns the number of restarts so far.
+    pub fn count_restart(&self) -> u64 {
+        let mut status = self.lock();
+        status.restarts += 1;
+        status.restarts
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActorStatus> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -26,7 +26,7 @@ use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-use super::Reply;
+use super::{Reply, SharedStatus};
 use crate::config::{RateLimitConfig, RedisConfig, StoreErrorPolicy};
 
 /// GCRA in one atomic step. KEYS[1]: the subject's state, its theoretical arrival time in
@@ -159,6 +159,7 @@ pub struct RateLimiter {
     local: LocalLimiter,
     outage_since: Option<Instant>,
     counters: Arc<RateLimitCounters>,
+    status: SharedStatus,
 }
 
 impl RateLimiter {
@@ -174,7 +175,13 @@ impl RateLimiter {
             local: LocalLimiter::default(),
             outage_since: None,
             counters: Arc::default(),
+            status: SharedStatus::default(),
         }
+    }
+
+    /// The actor's status for `/readyz`: `degraded` while Redis is unreachable.
+    pub fn status(&self) -> SharedStatus {
+        self.status.clone()
     }
 
     /// The counters this actor updates; shared, so they can be read from any thread.
@@ -254,6 +261,7 @@ impl RateLimiter {
 
     fn answer_from_store(&mut self, batch: Vec<Check>, values: Vec<Vec<i64>>) {
         if let Some(since) = self.outage_since.take() {
+            self.status.set("running", None);
             tracing::warn!(
                 outage_secs = since.elapsed().as_secs(),
                 "redis responds again; rate limits are shared across instances again"
@@ -269,6 +277,7 @@ impl RateLimiter {
     fn decide_without_store(&mut self, batch: Vec<Check>, failure: StoreFailure) {
         if self.outage_since.is_none() {
             self.outage_since = Some(Instant::now());
+            self.status.set("degraded", Some(failure.class()));
             tracing::warn!(
                 error = %failure,
                 policy = ?self.limits.on_store_error,
@@ -336,6 +345,14 @@ enum StoreFailure {
 }
 
 impl StoreFailure {
+    fn class(&self) -> &'static str {
+        match self {
+            Self::NotConnected => "redis_not_connected",
+            Self::TimedOut(_) => "redis_timeout",
+            Self::Redis(_) => "redis_error",
+        }
+    }
+
     fn to_error(&self) -> RateLimitError {
         match self {
             Self::NotConnected => RateLimitError::NotConnected,
@@ -356,7 +373,8 @@ impl Actor for RateLimiter {
 
 impl Supervised for RateLimiter {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        tracing::warn!("rate limiter restarting");
+        let restarts = self.status.count_restart();
+        tracing::warn!(restarts, "rate limiter restarting");
         self.connection = None;
         self.in_flight = false;
     }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::actors::consumer_supervisor::Status;
-use crate::actors::{call, kafka_producer, rate_limiter};
+use crate::actors::{call, kafka_producer, rate_limiter, ActorStatus};
 
 /// How long one readiness check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -46,6 +46,11 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         consumers = Some(statuses);
     }
 
+    let actors: BTreeMap<&str, ActorStatus> = state
+        .actor_statuses
+        .iter()
+        .map(|(name, status)| (*name, status.snapshot()))
+        .collect();
     let failing: Vec<&str> = checks
         .iter()
         .filter(|(_, ok)| !**ok)
@@ -59,6 +64,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         return HttpResponse::Ok().json(json!({
             "status": "ready",
             "checks": report,
+            "actors": actors,
             "consumers": consumers,
         }));
     }
@@ -73,6 +79,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 "message": format!("not ready: {} unavailable", failing.join(", ")),
             },
             "checks": report,
+            "actors": actors,
             "consumers": consumers,
         }))
 }

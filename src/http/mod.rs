@@ -23,7 +23,7 @@ use crate::accounts::{Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::ConsumerSupervisor;
 use crate::actors::kafka_producer::KafkaProducer;
 use crate::actors::rate_limiter::RateLimiter;
-use crate::actors::CallError;
+use crate::actors::{CallError, SharedStatus};
 use crate::auth::{TokenKeys, TokenType};
 use crate::config::Config;
 use crate::error::ApiError;
@@ -45,6 +45,8 @@ pub struct AppState {
     pub rate_limiter: Option<Addr<RateLimiter>>,
     pub producer: Option<Addr<KafkaProducer>>,
     pub supervisor: Option<Addr<ConsumerSupervisor>>,
+    /// Statuses of the supervised actors this process runs, by name.
+    pub actor_statuses: Vec<(&'static str, SharedStatus)>,
 }
 
 impl AppState {
