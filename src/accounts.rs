@@ -263,27 +263,40 @@ impl ApiKeyCache {
         }
     }
 
-    /// Returns the key with this hash, from the cache while its entry is fresh.
+    /// Returns the key with this hash, from the cache while its entry is fresh. While
+    /// PostgreSQL cannot be reached, an expired entry is used rather than failing, so
+    /// known keys keep ingesting into Kafka during a database outage.
     pub async fn find(
         &self,
         accounts: &Accounts,
         key_hash: &[u8],
     ) -> Result<Option<ApiKeyRecord>, AccountError> {
-        if let Some(cached) = self.cached(key_hash) {
+        if let Some((true, cached)) = self.cached(key_hash) {
             return Ok(cached);
         }
-        let record = accounts.find_api_key(key_hash).await?;
-        self.store(key_hash, record.clone());
-        Ok(record)
+        match accounts.find_api_key(key_hash).await {
+            Ok(record) => {
+                self.store(key_hash, record.clone());
+                Ok(record)
+            }
+            Err(err) => match self.cached(key_hash) {
+                Some((_, stale)) => {
+                    tracing::debug!(error = %err, "API-key lookup failed; using the cached entry");
+                    Ok(stale)
+                }
+                None => Err(err),
+            },
+        }
     }
 
-    fn cached(&self, key_hash: &[u8]) -> Option<Option<ApiKeyRecord>> {
+    /// Returns whether the entry is fresh, and the entry.
+    fn cached(&self, key_hash: &[u8]) -> Option<(bool, Option<ApiKeyRecord>)> {
         let entries = self
             .entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (fetched, record) = entries.get(key_hash)?;
-        (fetched.elapsed() < self.ttl).then(|| record.clone())
+        Some((fetched.elapsed() < self.ttl, record.clone()))
     }
 
     fn store(&self, key_hash: &[u8], record: Option<ApiKeyRecord>) {

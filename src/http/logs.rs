@@ -102,7 +102,13 @@ async fn authenticate_key(state: &AppState, req: &HttpRequest) -> Result<ApiKeyR
         .api_keys
         .find(&state.accounts, &hash)
         .await
-        .map_err(|err| ApiError::internal("cannot look up API key", err))?;
+        .map_err(|err| {
+            tracing::warn!(error = %err, "cannot look up API key");
+            ApiError::Unavailable {
+                what: "database",
+                retry_after: state.retry_after(),
+            }
+        })?;
     let invalid = ApiError::InvalidApiKey("invalid or revoked API key");
     let record = record.ok_or(invalid)?;
     if !auth::hashes_equal(&record.key_hash, &hash) || !record.active {
