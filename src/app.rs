@@ -1,7 +1,7 @@
 //! Assembles a running logpipe: pool, migrations, topic, actors and the HTTP server.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use crate::actors::rate_limiter::RateLimiter;
 use crate::actors::SharedStatus;
 use crate::auth::{self, TokenKeys};
 use crate::config::Config;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, InFlightLimits};
 use crate::{db, kafka};
 
 /// Which parts of logpipe a process runs.
@@ -126,6 +126,7 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     };
 
     let draining = Arc::new(AtomicBool::new(false));
+    let limits = InFlightLimits::new(&config.http);
     let state = web::Data::new(AppState {
         draining: Arc::clone(&draining),
         config: Arc::clone(&config),
@@ -136,6 +137,11 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         rate_limiter,
         producer: producer.clone(),
         actor_statuses,
+        request_slots: Arc::clone(&limits.request_slots),
+        body_budget_kib: Arc::clone(&limits.body_budget_kib),
+        shed: AtomicU64::new(0),
+        shed_logged_at_ms: AtomicU64::new(0),
+        started: std::time::Instant::now(),
         supervisor: supervisor.clone(),
     });
     let (server, addr) = http_server(&config, state, role)?;

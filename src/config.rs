@@ -64,6 +64,13 @@ pub struct HttpConfig {
     /// Longest time a graceful shutdown may take, in seconds: requests in flight, the
     /// producer's queue and the consumers' current batches. Default 30.
     pub shutdown_timeout_secs: u64,
+    /// Most `POST /api/logs/` requests handled at once; more get 503 at once, before
+    /// their body is read. Default 256.
+    pub max_in_flight_requests: usize,
+    /// Most request body bytes of `POST /api/logs/` held at once (by `Content-Length`, or
+    /// `body_limit_bytes` when it is absent); more get 503 at once. Bounds the memory of
+    /// requests in flight. Default 64 MiB.
+    pub max_in_flight_body_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -75,6 +82,8 @@ impl Default for HttpConfig {
             ingest_deadline_ms: 2000,
             retry_after_secs: 1,
             shutdown_timeout_secs: 30,
+            max_in_flight_requests: 256,
+            max_in_flight_body_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -170,6 +179,9 @@ pub struct ProducerConfig {
     pub queue_max_messages: u64,
     /// Compression codec: `none`, `gzip`, `snappy`, `lz4` or `zstd`. Default `lz4`.
     pub compression: String,
+    /// Bytes of events the producer may hold unacknowledged, in KiB
+    /// (`queue.buffering.max.kbytes`). Default 65536 (64 MiB).
+    pub queue_max_kbytes: u64,
 }
 
 impl Default for ProducerConfig {
@@ -179,6 +191,7 @@ impl Default for ProducerConfig {
             delivery_timeout_ms: 1500,
             queue_max_messages: 100_000,
             compression: "lz4".into(),
+            queue_max_kbytes: 65_536,
         }
     }
 }
@@ -424,6 +437,17 @@ impl Config {
             self.http.shutdown_timeout_secs,
             1,
         )?;
+        at_least(
+            "http.max_in_flight_requests",
+            self.http.max_in_flight_requests as u64,
+            1,
+        )?;
+        if self.http.max_in_flight_body_bytes < self.http.body_limit_bytes {
+            return Err(ConfigError::invalid(
+                "http.max_in_flight_body_bytes",
+                "must be at least http.body_limit_bytes, or a body of the largest size could never be accepted",
+            ));
+        }
         tokio_postgres::Config::from_str(&self.postgres.url)
             .map_err(|err| ConfigError::invalid("postgres.url", err))?;
         at_least("postgres.pool_size", self.postgres.pool_size as u64, 1)?;
@@ -512,6 +536,11 @@ impl Config {
         at_least(
             "producer.queue_max_messages",
             self.producer.queue_max_messages,
+            1,
+        )?;
+        at_least(
+            "producer.queue_max_kbytes",
+            self.producer.queue_max_kbytes,
             1,
         )?;
         one_of(

@@ -47,7 +47,11 @@ pub fn producer_config(kafka: &KafkaConfig, producer: &ProducerConfig) -> Client
             "queue.buffering.max.messages",
             producer.queue_max_messages.to_string(),
         )
-        .set("compression.type", &producer.compression);
+        .set("compression.type", &producer.compression)
+        .set(
+            "queue.buffering.max.kbytes",
+            producer.queue_max_kbytes.to_string(),
+        );
     config
 }
 
@@ -66,7 +70,10 @@ pub fn consumer_config(kafka: &KafkaConfig, consumer: &ConsumerConfig) -> Client
             "session.timeout.ms",
             consumer.session_timeout_ms.to_string(),
         )
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // Bounds what librdkafka prefetches per partition, so a backlog waits in Kafka
+        // rather than in memory (librdkafka's default is 64 MiB).
+        .set("queued.max.messages.kbytes", "16384");
     config
 }
 

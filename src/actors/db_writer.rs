@@ -36,8 +36,17 @@ pub struct WriteOutcome {
 pub enum WriteError {
     #[error("cannot get a PostgreSQL connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("PostgreSQL error: {0}")]
+    #[error("PostgreSQL error: {}", describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+}
+
+/// The SQLSTATE and message of a database error, which `tokio_postgres::Error`'s own
+/// `Display` leaves out ("db error").
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => err.to_string(),
+    }
 }
 
 impl WriteError {

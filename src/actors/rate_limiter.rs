@@ -269,6 +269,7 @@ impl RateLimiter {
         }
         for (check, values) in batch.into_iter().zip(values) {
             let decision = decision_from_script(check.limit.per_minute, &values);
+            self.local.observe(&check.subject, decision.reset_after);
             self.count(&decision);
             let _ = check.reply.send(Ok(decision));
         }
@@ -308,9 +309,15 @@ impl RateLimiter {
     }
 }
 
+/// Connects with reconnection attempts at most a second apart, so that the limiter is
+/// back on Redis within about a second of Redis coming back.
 async fn connect(url: &str) -> redis::RedisResult<ConnectionManager> {
     let client = redis::Client::open(url)?;
-    ConnectionManager::new(client).await
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_factor(100)
+        .set_max_delay(1000)
+        .set_connection_timeout(Duration::from_secs(1));
+    ConnectionManager::new_with_config(client, config).await
 }
 
 /// Runs the pipeline, loading the script first when Redis does not have it cached.
@@ -454,12 +461,36 @@ struct LocalLimiter {
 }
 
 impl LocalLimiter {
-    fn decide(&mut self, check: &Check) -> Decision {
+    fn now(&mut self) -> u64 {
         let epoch = *self.epoch.get_or_insert_with(Instant::now);
-        let now = epoch.elapsed().as_micros() as u64;
+        epoch.elapsed().as_micros() as u64
+    }
+
+    /// Mirrors a decision Redis made: the subject's state there is `reset_after` ahead of
+    /// now. A fallback then goes on from where Redis was instead of granting a fresh burst
+    /// to every subject, so a slow Redis reply never lets more through than the limit.
+    fn observe(&mut self, subject: &str, reset_after: Duration) {
+        let now = self.now();
+        let tat = now + reset_after.as_micros() as u64;
+        match self.tats.get_mut(subject) {
+            Some(stored) => *stored = tat,
+            None => {
+                self.prune(now);
+                self.tats.insert(subject.to_string(), tat);
+            }
+        }
+    }
+
+    /// Drops idle subjects once the map is full.
+    fn prune(&mut self, now: u64) {
         if self.tats.len() >= LOCAL_MAX_SUBJECTS {
             self.tats.retain(|_, tat| *tat > now);
         }
+    }
+
+    fn decide(&mut self, check: &Check) -> Decision {
+        let now = self.now();
+        self.prune(now);
         let stored = self.tats.get(&check.subject).copied().unwrap_or(now);
         let (decision, new_tat) = gcra(now, stored, check.limit, check.consume);
         if let Some(new_tat) = new_tat {
@@ -589,6 +620,23 @@ mod tests {
                 "{in_window}"
             );
         }
+    }
+
+    #[test]
+    fn local_limiter_continues_from_redis() {
+        let mut local = LocalLimiter::default();
+        // Redis reported the subject's burst used up: its state is 3 s ahead of now.
+        local.observe("seen", Duration::from_secs(3));
+        let check = Check {
+            subject: "seen".into(),
+            limit: LIMIT,
+            consume: true,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        assert!(
+            !local.decide(&check).allowed,
+            "no fresh burst after a fallback"
+        );
     }
 
     #[test]

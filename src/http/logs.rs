@@ -46,6 +46,7 @@ pub async fn ingest(
             retry_after: state.retry_after(),
         });
     }
+    let _admission = state.admit(declared_length(&req))?;
     let key = authenticate_key(&state, &req).await?;
 
     let decision = rate_limit(&state, &key).await?;
@@ -205,6 +206,14 @@ fn rate_limited(decision: &Decision) -> HttpResponse {
     response
 }
 
+/// The `Content-Length` of the request, if it has a valid one.
+fn declared_length(req: &HttpRequest) -> Option<usize> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+}
+
 /// Reads the body, failing with 413 as soon as it exceeds `limit` bytes.
 async fn read_body(
     req: &HttpRequest,
@@ -212,11 +221,7 @@ async fn read_body(
     limit: usize,
 ) -> Result<web::BytesMut, ApiError> {
     let too_large = ApiError::PayloadTooLarge { limit };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<usize>().ok());
+    let declared = declared_length(req);
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large);
     }
@@ -247,7 +252,7 @@ async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiErr
         Ok(Ok(())) => Ok(()),
         Ok(Err(PublishError::QueueFull)) => Err(state.unavailable("kafka", CallError::Full)),
         Ok(Err(err)) => {
-            tracing::warn!(error = %err, events = events.len(), "publish failed");
+            state.note_shed("kafka", &err.to_string());
             Err(ApiError::Unavailable {
                 what: "kafka",
                 retry_after: state.retry_after(),

@@ -10,7 +10,7 @@ pub mod keys;
 pub mod logs;
 
 use std::future::{ready, Ready};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use actix::Addr;
 use actix_web::dev::Payload;
 use actix_web::error::JsonPayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::ConsumerSupervisor;
@@ -47,6 +48,12 @@ pub struct AppState {
     pub supervisor: Option<Addr<ConsumerSupervisor>>,
     /// Statuses of the supervised actors this process runs, by name.
     pub actor_statuses: Vec<(&'static str, SharedStatus)>,
+    pub request_slots: Arc<Semaphore>,
+    pub body_budget_kib: Arc<Semaphore>,
+    /// Requests rejected with 503 so far, and when that was last logged.
+    pub shed: AtomicU64,
+    pub shed_logged_at_ms: AtomicU64,
+    pub started: std::time::Instant,
 }
 
 impl AppState {
@@ -58,12 +65,84 @@ impl AppState {
         Duration::from_millis(self.config.http.ingest_deadline_ms)
     }
 
-    /// Builds the 503 for an actor that did not reply.
+    /// Builds the 503 for an actor that did not reply. Logs at most one warning every
+    /// `SHED_LOG_INTERVAL`, with the number of 503s since the last one.
     pub fn unavailable(&self, what: &'static str, err: CallError) -> ApiError {
-        tracing::warn!(actor = what, error = %err, "request rejected with 503");
+        self.note_shed(what, &err.to_string());
         ApiError::Unavailable {
             what,
             retry_after: self.retry_after(),
+        }
+    }
+
+    /// Counts a request rejected with 503 and logs now and then.
+    pub fn note_shed(&self, what: &'static str, reason: &str) {
+        let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.shed_logged_at_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= SHED_LOG_INTERVAL.as_millis() as u64;
+        if due
+            && self
+                .shed_logged_at_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                what,
+                reason,
+                rejected_total = shed,
+                "requests rejected with 503"
+            );
+        }
+    }
+
+    /// Admits an ingest request within `http.max_in_flight_requests` and
+    /// `http.max_in_flight_body_bytes`, or rejects it with 503 before its body is read.
+    pub fn admit(&self, declared_length: Option<usize>) -> Result<Admission, ApiError> {
+        let kib = declared_length
+            .unwrap_or(self.config.http.body_limit_bytes)
+            .min(self.config.http.body_limit_bytes)
+            .div_ceil(1024)
+            .max(1);
+        let request = Arc::clone(&self.request_slots).try_acquire_owned();
+        let bytes = Arc::clone(&self.body_budget_kib).try_acquire_many_owned(kib as u32);
+        match (request, bytes) {
+            (Ok(request), Ok(bytes)) => Ok(Admission {
+                _request: request,
+                _bytes: bytes,
+            }),
+            _ => {
+                self.note_shed("logpipe", "too many requests in flight");
+                Err(ApiError::Unavailable {
+                    what: "logpipe (at capacity)",
+                    retry_after: self.retry_after(),
+                })
+            }
+        }
+    }
+}
+
+/// How often the warning about requests rejected with 503 may repeat.
+const SHED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The room a request holds while in flight; released on drop.
+pub struct Admission {
+    _request: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// Limits on the ingest requests in flight, shared by every worker.
+pub struct InFlightLimits {
+    pub request_slots: Arc<Semaphore>,
+    pub body_budget_kib: Arc<Semaphore>,
+}
+
+impl InFlightLimits {
+    pub fn new(config: &crate::config::HttpConfig) -> Self {
+        let kib = config.max_in_flight_body_bytes.div_ceil(1024);
+        Self {
+            request_slots: Arc::new(Semaphore::new(config.max_in_flight_requests)),
+            body_budget_kib: Arc::new(Semaphore::new(kib.min(Semaphore::MAX_PERMITS))),
         }
     }
 }

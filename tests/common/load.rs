@@ -77,6 +77,11 @@ impl Load {
         self.stats.lock().expect("stats").acknowledged.len()
     }
 
+    /// Responses by status so far (0: no response).
+    pub fn statuses(&self) -> HashMap<u16, u64> {
+        self.stats.lock().expect("stats").statuses.clone()
+    }
+
     /// Waits until at least `count` more events are acknowledged, or `timeout` passes.
     pub async fn wait_for_more(&self, count: usize, timeout: Duration) -> bool {
         let target = self.acknowledged() + count;
@@ -230,4 +235,23 @@ async fn count_stored(db: &tokio_postgres::Client, user_id: i64, stats: &LoadSta
             .count(),
         duplicated: counts.values().filter(|count| **count > 1).count(),
     }
+}
+
+/// Counts the events sent, acknowledged or not, that are missing from PostgreSQL. A load
+/// that retries until every event gets a 2xx must lose none of them.
+pub async fn count_sent_missing(
+    db: &tokio_postgres::Client,
+    user_id: i64,
+    stats: &LoadStats,
+) -> usize {
+    let rows = db
+        .query("SELECT message FROM logs WHERE user_id = $1", &[&user_id])
+        .await
+        .expect("select stored messages");
+    let stored: HashSet<String> = rows.iter().map(|row| row.get(0)).collect();
+    stats
+        .sent
+        .iter()
+        .filter(|message| !stored.contains(*message))
+        .count()
 }

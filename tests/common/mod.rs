@@ -8,6 +8,8 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod process;
+pub mod server;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -280,7 +282,7 @@ pub fn event(message: &str) -> Value {
 }
 
 impl TestApp {
-    /// Sends `PATCH /api/keys/{key_id}/` with the access token; returns status and body.
+    /// Sends `PATCH /api/keys/{key_id}/` with the access token and returns status and body.
     pub async fn patch_key(&self, access: &str, key_id: i64, body: &Value) -> (StatusCode, Value) {
         let response = self
             .client
@@ -293,7 +295,7 @@ impl TestApp {
         read(response).await
     }
 
-    /// Sends `DELETE /api/keys/{key_id}/` with the access token; returns status and body.
+    /// Sends `DELETE /api/keys/{key_id}/` with the access token and returns status and body.
     pub async fn delete_key(&self, access: &str, key_id: i64) -> (StatusCode, Value) {
         let response = self
             .client
@@ -305,7 +307,7 @@ impl TestApp {
         read(response).await
     }
 
-    /// Polls `GET /readyz` until it returns 200; panics with the last body after `timeout`.
+    /// Polls `GET /readyz` until it returns 200. Panics with the last body after `timeout`.
     pub async fn wait_ready(&self, timeout: Duration) {
         let started = Instant::now();
         loop {
