@@ -1,5 +1,5 @@
 //! Overload run: drives a logpipe process with ten times the requests it can absorb and
-//! reports whether every request got an answer, how fast the 503s came, and the peak
+//! reports whether every request got a response, how fast the 503s came, and the peak
 //! resident memory of the logpipe process.
 //!
 //! Run with `cargo bench --bench overload` while PostgreSQL, Redis and the broker run
@@ -181,7 +181,7 @@ async fn create_key(client: &reqwest::Client, base: &str) -> String {
     key["api_key"].as_str().expect("api key").to_string()
 }
 
-/// A request body of HDFS sample events.
+/// Builds a request body of HDFS sample events.
 fn sample_body() -> Vec<u8> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/loghub/hdfs.ndjson");
     let text = std::fs::read_to_string(path).expect("sample file");

@@ -3,9 +3,9 @@
 //!
 //! Every event carries a unique message (`<run>-<sequence>`), so the check can tell an
 //! event stored twice under two ids from one stored once. The client records the message
-//! of every event that got a 2xx; after the fault is healed, the check waits for the
-//! pipeline to drain and counts the acknowledged events that are missing (lost) and the
-//! messages stored more than once (duplicated).
+//! of every event that got a 2xx. After the fault is healed, the check waits for the
+//! pipeline to drain. It then counts the acknowledged events that are missing (lost) and
+//! the messages stored more than once (duplicated).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// How the load behaves.
+/// Settings of a load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Base URLs of logpipe instances; requests go to them in turn.
@@ -44,7 +44,7 @@ impl LoadOptions {
     }
 }
 
-/// What the load client saw.
+/// Counts and messages seen by the load client.
 #[derive(Debug, Default, Clone)]
 pub struct LoadStats {
     /// Messages of the events that got a 2xx.
