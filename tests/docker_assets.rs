@@ -17,8 +17,8 @@ fn compose() -> Value {
     compose
 }
 
-/// Replaces a `${NAME:?message}` or `${NAME:-default}` value with a stand-in, as Docker
-/// Compose would once the variable is set.
+/// Replaces the required `${LOGPIPE_AUTH_JWT_SECRET:?...}` with a stand-in secret, as
+/// Docker Compose would with the variable set; other values pass unchanged.
 fn interpolate(value: &str) -> String {
     if value.starts_with("${LOGPIPE_AUTH_JWT_SECRET") {
         return "compose-test-secret-compose-test-secret".into();
@@ -26,7 +26,7 @@ fn interpolate(value: &str) -> String {
     value.to_string()
 }
 
-/// The environment of a service, as name and value pairs.
+/// Lists the environment of a service as name and value pairs.
 fn environment(service: &Value) -> Vec<(String, String)> {
     let Some(environment) = service["environment"].as_mapping() else {
         return Vec::new();
