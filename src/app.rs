@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr, Arbiter, Supervisor};
-use actix_web::dev::{Server, ServerHandle};
+use actix_web::dev::{Server, ServerHandle, Service};
+use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tokio::sync::oneshot;
@@ -231,8 +232,23 @@ fn http_server(
 ) -> anyhow::Result<(Server, SocketAddr)> {
     let ingest = role.runs_api();
     let mut server = HttpServer::new(move || {
+        let draining = Arc::clone(&state.draining);
         App::new()
             .app_data(state.clone())
+            .wrap_fn(move |req, service| {
+                let response = service.call(req);
+                let draining = Arc::clone(&draining);
+                async move {
+                    let mut response = response.await?;
+                    // Once shutdown began, keep-alive connections close after their
+                    // response instead of carrying a request into a closing server.
+                    if draining.load(Ordering::Relaxed) {
+                        let head = response.response_mut().head_mut();
+                        head.set_connection_type(ConnectionType::Close);
+                    }
+                    Ok(response)
+                }
+            })
             .wrap(TracingLogger::default())
             .configure(|cfg| http::routes(cfg, ingest))
     })

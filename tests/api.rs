@@ -529,6 +529,13 @@ async fn errors_share_json_shape() {
     let (status, body) = read(response).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
+    let response = app
+        .client
+        .get(app.url("/api/logs/"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.headers()["allow"], "POST");
 
     let response = app
         .client

@@ -149,8 +149,8 @@ impl InFlightLimits {
 
 /// Registers every route of the API (`ingest` false: only the health routes).
 pub fn routes(cfg: &mut web::ServiceConfig, ingest: bool) {
-    cfg.service(resource(&["/healthz"]).route(web::get().to(health::healthz)))
-        .service(resource(&["/readyz"]).route(web::get().to(health::readyz)));
+    cfg.service(resource(&["/healthz"], "GET").route(web::get().to(health::healthz)))
+        .service(resource(&["/readyz"], "GET").route(web::get().to(health::readyz)));
     if ingest {
         api_routes(cfg);
     }
@@ -164,37 +164,42 @@ fn api_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/api/auth")
             .app_data(account_json.clone())
-            .service(resource(&["/signup/", "/signup"]).route(web::post().to(auth::signup)))
-            .service(resource(&["/login/", "/login"]).route(web::post().to(auth::login)))
-            .service(resource(&["/refresh/", "/refresh"]).route(web::post().to(auth::refresh))),
+            .service(resource(&["/signup/", "/signup"], "POST").route(web::post().to(auth::signup)))
+            .service(resource(&["/login/", "/login"], "POST").route(web::post().to(auth::login)))
+            .service(
+                resource(&["/refresh/", "/refresh"], "POST").route(web::post().to(auth::refresh)),
+            ),
     )
     .service(
-        resource(&["/api/key/", "/api/key"])
+        resource(&["/api/key/", "/api/key"], "POST")
             .app_data(account_json.clone())
             .route(web::post().to(keys::create)),
     )
-    .service(resource(&["/api/keys/list/", "/api/keys/list"]).route(web::get().to(keys::list)))
     .service(
-        resource(&["/api/keys/{id}/", "/api/keys/{id}"])
+        resource(&["/api/keys/list/", "/api/keys/list"], "GET").route(web::get().to(keys::list)),
+    )
+    .service(
+        resource(&["/api/keys/{id}/", "/api/keys/{id}"], "PATCH, DELETE")
             .app_data(account_json.clone())
             .route(web::patch().to(keys::update))
             .route(web::delete().to(keys::revoke)),
     )
-    .service(resource(&["/api/logs/", "/api/logs"]).route(web::post().to(logs::ingest)));
+    .service(resource(&["/api/logs/", "/api/logs"], "POST").route(web::post().to(logs::ingest)));
 }
 
-/// Builds a resource that rejects a wrong method with the JSON 405.
-fn resource(paths: &[&str]) -> actix_web::Resource {
+/// Builds a resource that rejects a method other than `allow` with the JSON 405 and an
+/// `Allow` header.
+fn resource(paths: &[&str], allow: &'static str) -> actix_web::Resource {
     let paths: Vec<String> = paths.iter().map(|path| path.to_string()).collect();
-    web::resource(paths).default_service(web::to(method_not_allowed))
+    web::resource(paths).default_service(web::to(move || method_not_allowed(allow)))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+async fn method_not_allowed(allow: &'static str) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed { allow })
 }
 
 /// Maps a JSON body that cannot be read to the API's error shape.
