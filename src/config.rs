@@ -71,6 +71,9 @@ pub struct HttpConfig {
     /// `body_limit_bytes` when it is absent); more get 503 at once. Bounds the memory of
     /// requests in flight. Default 64 MiB.
     pub max_in_flight_body_bytes: usize,
+    /// Longest time reading the body of `POST /api/logs/` may take, in milliseconds; a
+    /// slower client gets 408 and frees its share of the in-flight limits. Default 10000.
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -84,6 +87,7 @@ impl Default for HttpConfig {
             shutdown_timeout_secs: 30,
             max_in_flight_requests: 256,
             max_in_flight_body_bytes: 64 * 1024 * 1024,
+            body_read_timeout_ms: 10_000,
         }
     }
 }
@@ -182,6 +186,9 @@ pub struct ProducerConfig {
     /// Bytes of events the producer may hold unacknowledged, in KiB
     /// (`queue.buffering.max.kbytes`). Default 65536 (64 MiB).
     pub queue_max_kbytes: u64,
+    /// Largest Kafka message, in bytes (`message.max.bytes`); an event whose encoded form
+    /// is larger gets 400. Keep it at or below the broker's limit. Default 1000000.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ProducerConfig {
@@ -192,6 +199,7 @@ impl Default for ProducerConfig {
             queue_max_messages: 100_000,
             compression: "lz4".into(),
             queue_max_kbytes: 65_536,
+            max_message_bytes: 1_000_000,
         }
     }
 }
@@ -442,6 +450,11 @@ impl Config {
             self.http.max_in_flight_requests as u64,
             1,
         )?;
+        at_least(
+            "http.body_read_timeout_ms",
+            self.http.body_read_timeout_ms,
+            100,
+        )?;
         if self.http.max_in_flight_body_bytes < self.http.body_limit_bytes {
             return Err(ConfigError::invalid(
                 "http.max_in_flight_body_bytes",
@@ -542,6 +555,11 @@ impl Config {
             "producer.queue_max_kbytes",
             self.producer.queue_max_kbytes,
             1,
+        )?;
+        at_least(
+            "producer.max_message_bytes",
+            self.producer.max_message_bytes as u64,
+            1000,
         )?;
         one_of(
             "producer.compression",

@@ -39,6 +39,8 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("request body was not received within {0} ms")]
+    RequestTimeout(u64),
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("rate limit of {limit} requests per minute for this API key exceeded")]
@@ -97,6 +99,7 @@ impl ApiError {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::RateLimited { .. } | Self::TooManyLogins { .. } => "rate_limited",
             Self::Unavailable { .. } => "unavailable",
             Self::Internal => "internal",
@@ -133,6 +136,7 @@ impl ResponseError for ApiError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } | Self::TooManyLogins { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -783,14 +783,25 @@ enum Step<'a> {
     Index(usize),
 }
 
-/// Reports every string and object key inside `value` that contains NUL. The recursion is
-/// bounded by serde_json's nesting limit of 128.
+/// Deepest nesting of arrays and objects accepted inside an unknown field. The consumers
+/// decode the event inside an envelope with serde_json, whose limit is 128 levels, so a
+/// value must stay well below that to be storable.
+pub const MAX_NESTED_DEPTH: usize = 32;
+
+/// Reports every string and object key inside `value` that contains NUL, and a value
+/// nested deeper than `MAX_NESTED_DEPTH`.
 fn report_nested_nul<'v>(
     value: &'v Value,
     name: &str,
     steps: &mut Vec<Step<'v>>,
     report: &mut Report<'_>,
 ) {
+    let container = matches!(value, Value::Array(_) | Value::Object(_));
+    if container && steps.len() >= MAX_NESTED_DEPTH {
+        let reason = format!("is nested deeper than {MAX_NESTED_DEPTH} levels");
+        report.add(nested_path(name, steps), reason);
+        return;
+    }
     match value {
         Value::String(text) if text.contains('\0') => {
             report.add(nested_path(name, steps), NUL_REASON);
@@ -1377,6 +1388,27 @@ mod tests {
             "must be at most 65536 bytes of UTF-8, got 65538"
         );
     }
+
+    #[test]
+    fn deep_unknown_field_rejected() {
+        let mut nested = String::from("1");
+        for _ in 0..MAX_NESTED_DEPTH + 1 {
+            nested = format!("{{\"a\":{nested}}}");
+        }
+        let body =
+            format!(r#"{{"service_name":"s","log_level":"info","message":"m","deep":{nested}}}"#);
+        let result = parse_events(body.as_bytes(), OWNER_FOR_DEPTH, Utc::now());
+        let Err(ParseError::Invalid(errors)) = result else {
+            panic!("expected a field error, got {result:?}");
+        };
+        assert!(errors[0].field.starts_with("deep"), "{errors:?}");
+        assert!(errors[0].reason.contains("nested deeper"), "{errors:?}");
+    }
+
+    const OWNER_FOR_DEPTH: Owner = Owner {
+        user_id: 1,
+        api_key_id: 1,
+    };
 
     #[test]
     fn unknown_fields_kept_as_attributes() {

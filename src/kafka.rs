@@ -51,7 +51,8 @@ pub fn producer_config(kafka: &KafkaConfig, producer: &ProducerConfig) -> Client
         .set(
             "queue.buffering.max.kbytes",
             producer.queue_max_kbytes.to_string(),
-        );
+        )
+        .set("message.max.bytes", producer.max_message_bytes.to_string());
     config
 }
 

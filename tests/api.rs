@@ -618,3 +618,37 @@ async fn unreachable_kafka_gets_503() {
         .contains("kafka"));
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_kafka_message_rejected() {
+    let mut config = test_config();
+    config.producer.max_message_bytes = 4000;
+    let app = TestApp::start_with(config, Role::All).await;
+    let (username, _, key) = app.user_with_key("bigmsg").await;
+    let big = json!({"service_name": "svc", "log_level": "info", "message": "x", "blob": "y".repeat(5000)});
+    let (status, body) = app
+        .post_logs(&key, &json!([event("small first"), big]))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["errors"][0]["index"], 1);
+    let reason = body["error"]["errors"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("over the limit of 4000 bytes"), "{reason}");
+
+    let (status, _) = app.post_logs(&key, &event("sentinel")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let db = app.db().await;
+    let user = user_id(&db, &username).await;
+    assert_eq!(
+        wait_for_rows(&db, user, 1, Duration::from_secs(30)).await,
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        log_count(&db, user).await,
+        1,
+        "nothing of the rejected request was published"
+    );
+    app.stop().await;
+}

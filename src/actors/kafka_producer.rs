@@ -90,10 +90,24 @@ pub struct Flush {
     pub reply: Reply<()>,
 }
 
-/// Sent by a failed delivery: checks whether the producer hit a fatal error.
+/// Sent by a failed delivery: checks whether the producer hit a fatal error, or an error
+/// the broker gave because it no longer accepts this producer's id or epoch.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct CheckFatal;
+struct CheckFatal(Option<RDKafkaErrorCode>);
+
+/// Delivery errors after which the producer's idempotence state is unusable, though
+/// librdkafka does not always raise them as fatal.
+fn needs_new_producer(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+    )
+}
 
 /// The actor; see the module documentation.
 pub struct KafkaProducer {
@@ -188,8 +202,16 @@ impl Supervised for KafkaProducer {
 impl Handler<CheckFatal> for KafkaProducer {
     type Result = ();
 
-    fn handle(&mut self, _msg: CheckFatal, ctx: &mut Context<Self>) {
-        let Some((code, reason)) = self.producer.client().fatal_error() else {
+    fn handle(&mut self, msg: CheckFatal, ctx: &mut Context<Self>) {
+        let fatal = self.producer.client().fatal_error().or_else(|| {
+            msg.0.filter(|code| needs_new_producer(*code)).map(|code| {
+                (
+                    code,
+                    "the broker rejected the producer's id or epoch".into(),
+                )
+            })
+        });
+        let Some((code, reason)) = fatal else {
             return;
         };
         let restarts = self.status.count_restart();
@@ -207,22 +229,26 @@ impl Handler<Publish> for KafkaProducer {
             Ok(deliveries) => deliveries,
             Err(err) => {
                 let _ = msg.reply.send(Err(err));
-                ctx.notify(CheckFatal);
+                ctx.notify(CheckFatal(None));
                 return;
             }
         };
         let addr = ctx.address();
         actix::spawn(async move {
             let mut result = Ok(());
+            let mut code = None;
             for delivery in join_all(deliveries).await {
                 match delivery {
                     Ok(Ok(_)) => {}
-                    Ok(Err((err, _))) => result = Err(PublishError::Kafka(err)),
+                    Ok(Err((err, _))) => {
+                        code = err.rdkafka_error_code().or(code);
+                        result = Err(PublishError::Kafka(err));
+                    }
                     Err(_) => result = Err(PublishError::Canceled),
                 }
             }
             if result.is_err() {
-                addr.do_send(CheckFatal);
+                addr.do_send(CheckFatal(code));
             }
             let _ = msg.reply.send(result);
         });

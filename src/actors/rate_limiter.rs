@@ -54,6 +54,24 @@ end
 return {1, math.floor((now + tolerance - new_tat) / interval) + 1, tat - now, 0}
 "#;
 
+/// Gives back one request of KEYS[1] (ARGV[1]: emission interval in microseconds), for a
+/// request that turned out not to count, such as a successful login.
+const REFUND_SCRIPT: &str = r#"
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil then
+  return 0
+end
+local new_tat = tat - tonumber(ARGV[1])
+if new_tat <= now then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return 1
+"#;
+
 /// Prefix of every Redis key the limiter writes.
 const KEY_PREFIX: &str = "logpipe:ratelimit:";
 
@@ -133,6 +151,14 @@ pub struct Check {
     pub limit: Limit,
     pub consume: bool,
     pub reply: Reply<Result<Decision, RateLimitError>>,
+}
+
+/// Gives back one request that `Check` recorded for `subject`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Refund {
+    pub subject: String,
+    pub limit: Limit,
 }
 
 /// Checks that Redis responds.
@@ -406,6 +432,27 @@ impl Handler<Check> for RateLimiter {
     }
 }
 
+impl Handler<Refund> for RateLimiter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Refund, _ctx: &mut Context<Self>) {
+        self.local.refund(&msg.subject, msg.limit);
+        let Some(mut connection) = self.connection.clone() else {
+            return;
+        };
+        let timeout = self.timeout();
+        actix::spawn(async move {
+            let script = Script::new(REFUND_SCRIPT);
+            let mut invocation = script.key(format!("{KEY_PREFIX}{}", msg.subject));
+            invocation.arg(msg.limit.interval_us());
+            let call = invocation.invoke_async::<i64>(&mut connection);
+            if let Ok(Err(err)) = tokio::time::timeout(timeout, call).await {
+                tracing::debug!(error = %err, "cannot refund a rate-limit slot");
+            }
+        });
+    }
+}
+
 impl Handler<Ping> for RateLimiter {
     type Result = ();
 
@@ -485,6 +532,13 @@ impl LocalLimiter {
     fn prune(&mut self, now: u64) {
         if self.tats.len() >= LOCAL_MAX_SUBJECTS {
             self.tats.retain(|_, tat| *tat > now);
+        }
+    }
+
+    fn refund(&mut self, subject: &str, limit: Limit) {
+        let now = self.now();
+        if let Some(tat) = self.tats.get_mut(subject) {
+            *tat = tat.saturating_sub(limit.interval_us()).max(now);
         }
     }
 

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::AppState;
 use crate::accounts::AccountError;
 use crate::actors::call;
-use crate::actors::rate_limiter::{login_addr_subject, login_user_subject, Check, Limit};
+use crate::actors::rate_limiter::{login_addr_subject, login_user_subject, Check, Limit, Refund};
 use crate::auth::{self, IssuedToken, TokenType};
 use crate::error::ApiError;
 
@@ -110,9 +110,8 @@ pub async fn login(
     let username = required("username", username)?;
     let password = required("password", password)?;
     let subjects = login_subjects(&req, &username);
-    check_login_failures(&state, &subjects).await?;
+    take_login_attempt(&state, &subjects).await?;
     if password.len() > MAX_PASSWORD_BYTES {
-        record_login_failure(&state, subjects).await;
         return Err(ApiError::Unauthorized("invalid username or password"));
     }
 
@@ -132,11 +131,9 @@ pub async fn login(
         .map_err(|err| ApiError::internal("password check task failed", err))?;
     let user_id = match (user_id, valid) {
         (Some(user_id), true) => user_id,
-        _ => {
-            record_login_failure(&state, subjects).await;
-            return Err(ApiError::Unauthorized("invalid username or password"));
-        }
+        _ => return Err(ApiError::Unauthorized("invalid username or password")),
     };
+    refund_login_attempt(&state, subjects);
 
     let pair = issue_pair(&state, user_id).await?;
     Ok(HttpResponse::Ok().json(pair))
@@ -201,8 +198,11 @@ fn login_limit(state: &AppState) -> Limit {
     }
 }
 
-/// Rejects the attempt with 429 when either subject used up its failed logins.
-async fn check_login_failures(state: &AppState, subjects: &[String; 2]) -> Result<(), ApiError> {
+/// Takes one attempt from each subject's budget of failed logins, or rejects the login
+/// with 429 when either is used up. Taking before checking the password means parallel
+/// attempts cannot all pass before the first failure is counted; a success gives the
+/// attempts back ([`refund_login_attempt`]).
+async fn take_login_attempt(state: &AppState, subjects: &[String; 2]) -> Result<(), ApiError> {
     let Some(limiter) = &state.rate_limiter else {
         return Ok(());
     };
@@ -211,7 +211,7 @@ async fn check_login_failures(state: &AppState, subjects: &[String; 2]) -> Resul
         let build = |reply| Check {
             subject: subject.clone(),
             limit,
-            consume: false,
+            consume: true,
             reply,
         };
         match call(limiter, build, state.ingest_deadline()).await {
@@ -229,21 +229,15 @@ async fn check_login_failures(state: &AppState, subjects: &[String; 2]) -> Resul
     Ok(())
 }
 
-/// Counts one failed login against both subjects.
-async fn record_login_failure(state: &AppState, subjects: [String; 2]) {
+/// Gives back the attempt a successful login took, so that successes do not count.
+fn refund_login_attempt(state: &AppState, subjects: [String; 2]) {
     let Some(limiter) = &state.rate_limiter else {
         return;
     };
     let limit = login_limit(state);
     for subject in subjects {
-        let build = |reply| Check {
-            subject,
-            limit,
-            consume: true,
-            reply,
-        };
-        if let Err(err) = call(limiter, build, state.ingest_deadline()).await {
-            tracing::debug!(error = %err, "cannot record a failed login");
+        if let Err(err) = limiter.try_send(Refund { subject, limit }) {
+            tracing::debug!(error = %err, "cannot refund a login attempt");
         }
     }
 }

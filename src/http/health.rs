@@ -10,6 +10,7 @@ use serde_json::json;
 use super::AppState;
 use crate::actors::consumer_supervisor::Status;
 use crate::actors::{call, kafka_producer, rate_limiter, ActorStatus};
+use crate::config::StoreErrorPolicy;
 
 /// How long one readiness check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -23,9 +24,17 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let mut checks = BTreeMap::new();
     checks.insert("accepting", !state.draining.load(Ordering::Relaxed));
     checks.insert("postgres", check_postgres(&state).await);
+    // Without Redis, ingestion goes on unless the limiter denies (`on_store_error`), so
+    // only then does an unreachable Redis make this process unready.
+    let mut degraded = Vec::new();
     if let Some(limiter) = &state.rate_limiter {
         let answer = call(limiter, |reply| rate_limiter::Ping { reply }, CHECK_TIMEOUT).await;
-        checks.insert("redis", matches!(answer, Ok(Ok(()))));
+        let reachable = matches!(answer, Ok(Ok(())));
+        let denies = state.config.rate_limit.on_store_error == StoreErrorPolicy::Deny;
+        if !reachable && !denies {
+            degraded.push("redis");
+        }
+        checks.insert("redis", reachable || !denies);
     }
     if let Some(producer) = &state.producer {
         let answer = call(
@@ -51,6 +60,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .iter()
         .map(|(name, status)| (*name, status.snapshot()))
         .collect();
+    let restarting = actors.values().any(|status| status.state == "restarting");
+    checks.insert("actors", !restarting);
     let failing: Vec<&str> = checks
         .iter()
         .filter(|(_, ok)| !**ok)
@@ -58,7 +69,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .collect();
     let report: BTreeMap<&str, &str> = checks
         .iter()
-        .map(|(name, ok)| (*name, if *ok { "ok" } else { "unavailable" }))
+        .map(|(name, ok)| {
+            let state = match (*ok, degraded.contains(name)) {
+                (_, true) => "degraded",
+                (true, false) => "ok",
+                (false, false) => "unavailable",
+            };
+            (*name, state)
+        })
         .collect();
     if failing.is_empty() {
         return HttpResponse::Ok().json(json!({

@@ -4,6 +4,7 @@
 //! with any invalid event is rejected whole and nothing of it is published.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use actix_web::http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
@@ -19,7 +20,7 @@ use crate::actors::rate_limiter::{api_key_subject, Check, Decision, Limit};
 use crate::actors::{call, CallError};
 use crate::auth;
 use crate::error::ApiError;
-use crate::event::{self, Owner, ParseError};
+use crate::event::{self, FieldError, Owner, ParseError};
 
 /// The header that carries the API key.
 pub const API_KEY_HEADER: &str = "API-KEY";
@@ -69,7 +70,11 @@ async fn accept(
     key: &ApiKeyRecord,
     received_at: DateTime<Utc>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(req, payload, state.config.http.body_limit_bytes).await?;
+    let read_timeout = state.config.http.body_read_timeout_ms;
+    let reading = read_body(req, payload, state.config.http.body_limit_bytes);
+    let body = tokio::time::timeout(Duration::from_millis(read_timeout), reading)
+        .await
+        .map_err(|_| ApiError::RequestTimeout(read_timeout))??;
     let owner = Owner {
         user_id: key.user_id,
         api_key_id: key.id,
@@ -237,6 +242,30 @@ async fn read_body(
     Ok(body)
 }
 
+/// Rejects the request when an event is too large for one Kafka message, before anything
+/// of it is published.
+fn check_message_sizes(records: &[kafka_producer::Record], limit: usize) -> Result<(), ApiError> {
+    let errors: Vec<FieldError> = records
+        .iter()
+        .enumerate()
+        // Key and headers travel in the same message; 512 bytes covers them.
+        .filter(|(_, record)| record.payload.len() + record.key.len() + 512 > limit)
+        .map(|(index, record)| FieldError {
+            index,
+            field: String::new(),
+            reason: format!(
+                "event is {} bytes as a Kafka message, over the limit of {limit} bytes",
+                record.payload.len() + record.key.len()
+            ),
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidEvents(errors))
+    }
+}
+
 async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiError> {
     let producer = state
         .producer
@@ -247,6 +276,7 @@ async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiErr
         .map(kafka_producer::encode)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| ApiError::internal("cannot encode event", err))?;
+    check_message_sizes(&records, state.config.producer.max_message_bytes)?;
     let build = |reply| Publish { records, reply };
     match call(producer, build, state.ingest_deadline()).await {
         Ok(Ok(())) => Ok(()),
