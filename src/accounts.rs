@@ -39,6 +39,26 @@ pub enum AccountError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+impl AccountError {
+    /// True when PostgreSQL could not be reached or the connection broke, as opposed to
+    /// PostgreSQL rejecting the statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Pool(_) => true,
+            Self::Postgres(err) => err.as_db_error().is_none(),
+            Self::UsernameTaken | Self::EmailTaken => false,
+        }
+    }
+
+    /// True when a row names a user that does not exist (SQLSTATE 23503).
+    pub fn is_missing_user(&self) -> bool {
+        let Self::Postgres(err) = self else {
+            return false;
+        };
+        err.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
+    }
+}
+
 /// A stored user, as needed to check a login.
 pub struct UserCredentials {
     pub id: i64,

@@ -652,3 +652,27 @@ async fn oversized_kafka_message_rejected() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_for_missing_user_unauthorized() {
+    let app = TestApp::start().await;
+    let claims = json!({"sub": i64::MAX.to_string(), "exp": unix_now() + 600, "iat": unix_now(),
+                        "jti": Uuid::now_v7(), "typ": "access"});
+    let token = jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let response = app
+        .client
+        .post(app.url("/api/key/"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "orphan"}))
+        .send()
+        .await
+        .expect("sent");
+    let (status, body) = read(response).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    app.stop().await;
+}
