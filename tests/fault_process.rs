@@ -9,7 +9,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::load::{check_stored, count_sent_missing, FaultReport, Load, LoadOptions, LoadStats};
+use common::load::{
+    assert_exactly_once, check_stored, count_sent_missing, Load, LoadOptions, LoadStats,
+};
 use common::process::{user_with_key_at, ChildApp};
 use common::*;
 use logpipe::app::Role;
@@ -31,20 +33,6 @@ fn fault_config() -> Config {
     // session lets its replacement take over sooner.
     config.consumer.session_timeout_ms = 6000;
     config
-}
-
-fn assert_exactly_once(report: &FaultReport) {
-    assert!(report.acknowledged > 0, "no event acknowledged: {report:?}");
-    assert_eq!(
-        report.lost, 0,
-        "{} of {} acknowledged events missing from PostgreSQL",
-        report.lost, report.acknowledged
-    );
-    assert_eq!(
-        report.duplicated, 0,
-        "{} events stored more than once ({} rows for {} acknowledged)",
-        report.duplicated, report.rows, report.acknowledged
-    );
 }
 
 fn start_loads(options: &LoadOptions) -> Vec<Load> {

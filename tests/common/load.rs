@@ -255,3 +255,19 @@ pub async fn count_sent_missing(
         .filter(|message| !stored.contains(*message))
         .count()
 }
+
+/// Asserts the promise of a 2xx: some events were acknowledged, none of them is missing
+/// from PostgreSQL, and none is stored twice.
+pub fn assert_exactly_once(report: &FaultReport) {
+    assert!(report.acknowledged > 0, "no event acknowledged: {report:?}");
+    assert_eq!(
+        report.lost, 0,
+        "{} of {} acknowledged events missing from PostgreSQL",
+        report.lost, report.acknowledged
+    );
+    assert_eq!(
+        report.duplicated, 0,
+        "{} events stored more than once ({} rows for {} acknowledged)",
+        report.duplicated, report.rows, report.acknowledged
+    );
+}
