@@ -15,7 +15,6 @@ use logpipe::config::Config;
 use logpipe::event::{Event, Severity};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use uuid::Uuid;
 
@@ -52,22 +51,6 @@ fn raw_event(user_id: i64, message: &str) -> Event {
         timestamp: Utc::now(),
         received_at: Utc::now(),
         attributes: serde_json::Map::new(),
-    }
-}
-
-async fn produce(config: &Config, payloads: &[Vec<u8>]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .create()
-        .expect("producer");
-    for payload in payloads {
-        let record = FutureRecord::<str, [u8]>::to(&config.kafka.topic)
-            .key(LOAD_KEY)
-            .payload(payload);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .expect("message delivered");
     }
 }
 
@@ -171,7 +154,7 @@ async fn poison_goes_to_dead_letter() {
             .iter()
             .map(|event| serde_json::to_vec(event).expect("json")),
     );
-    produce(&app.config, &payloads).await;
+    produce_raw(&app.config, LOAD_KEY, &payloads).await;
     assert!(
         load.wait_for_more(20, Duration::from_secs(15)).await,
         "only {} events acknowledged in 15 s after the poison",

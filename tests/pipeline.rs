@@ -1,4 +1,5 @@
-//! The Kafka-to-PostgreSQL half: roles, idempotent writes, messages that are not events,
+//! The Kafka-to-PostgreSQL half: roles, idempotent writes, messages that are not events
+//! (set aside on the dead-letter topic),
 //! and migrations run concurrently.
 
 mod common;
@@ -9,27 +10,9 @@ use chrono::Utc;
 use common::*;
 use logpipe::app::Role;
 use logpipe::event::{Event, Severity};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
-
-async fn produce_raw(config: &logpipe::config::Config, payloads: &[Vec<u8>]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .create()
-        .expect("producer");
-    for payload in payloads {
-        let record = FutureRecord::<str, [u8]>::to(&config.kafka.topic)
-            .key("raw")
-            .payload(payload);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .expect("message delivered");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_roles_deliver_events() {
@@ -155,6 +138,7 @@ async fn redelivered_message_stored_once() {
     let marker = serde_json::to_vec(&stored_event(user, "marker")).expect("json");
     produce_raw(
         &app.config,
+        "raw",
         &[payload.clone(), payload.clone(), payload, marker],
     )
     .await;
@@ -178,7 +162,7 @@ async fn redelivered_message_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undecodable_message_skipped() {
+async fn undecodable_message_set_aside() {
     let app = TestApp::start().await;
     let username = app.signup("poison").await;
     let db = app.db().await;
@@ -187,6 +171,7 @@ async fn undecodable_message_skipped() {
     let after = serde_json::to_vec(&stored_event(user, "after the poison")).expect("json");
     produce_raw(
         &app.config,
+        "raw",
         &[b"\xff not json".to_vec(), b"{\"id\": 1}".to_vec(), after],
     )
     .await;

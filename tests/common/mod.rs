@@ -330,3 +330,23 @@ impl TestApp {
         }
     }
 }
+
+/// Writes `payloads` straight to the app's topic with message key `key`, as a program
+/// other than logpipe could, and waits until the broker acknowledged each.
+pub async fn produce_raw(config: &Config, key: &str, payloads: &[Vec<u8>]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .create()
+        .expect("producer");
+    for payload in payloads {
+        let record = FutureRecord::<str, [u8]>::to(&config.kafka.topic)
+            .key(key)
+            .payload(payload);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .expect("message delivered");
+    }
+}
