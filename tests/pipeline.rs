@@ -1,6 +1,5 @@
 //! The Kafka-to-PostgreSQL half: roles, idempotent writes, messages that are not events
-//! (set aside on the dead-letter topic),
-//! and migrations run concurrently.
+//! (set aside on the dead-letter topic), and migrations run concurrently.
 
 mod common;
 
