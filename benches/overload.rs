@@ -7,7 +7,7 @@
 //! own topic, sends a bounded number of requests for a bounded time, and stops the process
 //! with SIGTERM. Phase one measures what logpipe absorbs with four clients in a closed
 //! loop; phase two offers ten times that rate in an open loop (a new request every
-//! 1 / rate seconds whatever the answers), with at most `MAX_IN_FLIGHT` requests pending.
+//! 1 / rate seconds whatever the responses), with at most `MAX_IN_FLIGHT` requests pending.
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;

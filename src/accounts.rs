@@ -261,7 +261,8 @@ fn unique_violation(err: tokio_postgres::Error) -> AccountError {
     }
 }
 
-/// Entries the API-key cache holds before it drops expired ones, and all if none expired.
+/// Entries the API-key cache may contain before it drops expired ones, and all if none
+/// expired.
 const KEY_CACHE_MAX_ENTRIES: usize = 50_000;
 
 /// API-key lookups by hash, each kept for a fixed time (`auth.api_key_cache_ms`), unknown

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::http::{self, AppState, InFlightLimits};
 use crate::{db, kafka};
 
-/// Which parts of logpipe a process runs.
+/// Parts of logpipe that a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
     /// The HTTP API and the consumers.
@@ -57,7 +57,7 @@ pub struct RunningApp {
 }
 
 impl RunningApp {
-    /// A handle that stops the HTTP server (and so the app) from any thread.
+    /// Returns a handle that stops the HTTP server, and so the app, from any thread.
     pub fn handle(&self) -> ServerHandle {
         self.server.handle()
     }

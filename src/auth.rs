@@ -93,7 +93,7 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// The user id in `sub`, if it is one.
+    /// Returns the user id in `sub`, if it is one.
     pub fn user_id(&self) -> Option<i64> {
         self.sub.parse().ok()
     }
@@ -105,7 +105,7 @@ pub struct IssuedToken {
     pub claims: Claims,
 }
 
-/// Why a token was not accepted. The client only ever learns "invalid token".
+/// Failure to accept a token. The client only ever sees a generic "invalid token" error.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("invalid or expired token: {0}")]

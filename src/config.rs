@@ -71,7 +71,7 @@ pub struct HttpConfig {
     /// `body_limit_bytes` when it is absent); more get 503 at once. Bounds the memory of
     /// requests in flight. Default 64 MiB.
     pub max_in_flight_body_bytes: usize,
-    /// Longest time reading the body of `POST /api/logs/` may take, in milliseconds; a
+    /// Maximum time reading the body of `POST /api/logs/` may take, in milliseconds. A
     /// slower client gets 408 and frees its share of the in-flight limits. Default 10000.
     pub body_read_timeout_ms: u64,
 }
@@ -226,7 +226,7 @@ impl Default for ConsumerConfig {
     }
 }
 
-/// How consumed events are grouped into PostgreSQL transactions.
+/// Grouping of consumed events into PostgreSQL transactions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DbWriterConfig {
@@ -266,7 +266,7 @@ pub struct RateLimitConfig {
     /// Default 128.
     pub max_batch: usize,
     /// Failed logins per minute per username and per client address, after which
-    /// `POST /api/auth/login/` answers 429. Default 10.
+    /// `POST /api/auth/login/` returns 429. Default 10.
     pub login_failures_per_minute: u32,
 }
 
@@ -354,14 +354,14 @@ impl Default for MailboxConfig {
     }
 }
 
-/// How supervisors restart a failed actor or consumer.
+/// Restart delays of supervisors for a failed actor or consumer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SupervisionConfig {
     /// Delay before a failed actor or consumer is started again, in milliseconds; it
     /// doubles with each failure in a row. Default 500.
     pub restart_initial_delay_ms: u64,
-    /// Longest delay between restarts, in milliseconds. Default 30000.
+    /// Maximum delay between restarts, in milliseconds. Default 30000.
     pub restart_max_delay_ms: u64,
 }
 

@@ -81,19 +81,6 @@ impl ApiError {
         }
     }
 
-    /// Maps a failed account operation: 503 when PostgreSQL is unreachable, 500 otherwise.
-    /// The cause is logged and never reaches the client.
-    pub fn account(context: &'static str, err: crate::accounts::AccountError) -> Self {
-        if err.is_unavailable() {
-            tracing::warn!(error = %err, "{context}");
-            return Self::Unavailable {
-                what: "database",
-                retry_after: std::time::Duration::from_secs(1),
-            };
-        }
-        Self::internal(context, err)
-    }
-
     /// Logs `cause` and returns the fixed 500 error; the cause never reaches the client.
     pub fn internal(context: &'static str, cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "{context}");

@@ -65,9 +65,9 @@ async fn broker_restart_loses_nothing() {
     // NOTE: when events time out in librdkafka's queue, the idempotent producer bumps its
     // epoch by itself (librdkafka 2.12). tansu 0.6.0 with sqlite storage has no row for
     // the new epoch and its storage task panics, after which the broker fails every
-    // request. So no event may time out here: delivery waits out the 3 s outage and the
-    // reconnect backoff, and requests get 202 late instead of 503 (or reach the load
-    // client's 10 s timeout and are sent again with the same ids). The 503 path through a
+    // request. So no event may time out here. Delivery waits out the 3 s outage and the
+    // reconnect backoff, and requests get 202 late instead of 503. A request that reaches
+    // the load client's 10 s timeout is sent again with the same ids. The 503 path through a
     // broker outage is therefore not covered by this test.
     config.producer.delivery_timeout_ms = 20_000;
     config.http.ingest_deadline_ms = 25_000;

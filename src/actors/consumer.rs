@@ -2,7 +2,7 @@
 //! batch to `DbWriter`. Not an actor itself: `ConsumerSupervisor` runs each consumer as a
 //! task in its context and restarts it when it fails.
 //!
-//! A batch is flushed when it holds `db_writer.batch_size` events or its oldest event has
+//! A batch is flushed when it contains `db_writer.batch_size` events or its oldest event has
 //! waited `db_writer.flush_interval_ms`. Offsets are stored only after `DbWriter` replied
 //! that the batch committed; librdkafka commits stored offsets in the background and when
 //! the consumer closes. While PostgreSQL fails, the consumer retries the same batch every
@@ -45,7 +45,7 @@ pub struct ConsumerCounters {
     pub rows_written: AtomicU64,
 }
 
-/// Why a consumer stopped on its own; the supervisor starts a new one.
+/// Failure that stopped a consumer on its own. The supervisor then starts a new one.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("cannot create the consumer: {0}")]

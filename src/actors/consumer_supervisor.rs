@@ -70,7 +70,7 @@ pub struct ConsumerSupervisor {
     counters: Arc<ConsumerCounters>,
 }
 
-/// What the supervisor knows of one consumer.
+/// State the supervisor keeps for one consumer.
 struct Slot {
     status: ConsumerStatus,
     failures_in_row: u32,
@@ -102,7 +102,7 @@ impl ConsumerSupervisor {
         }
     }
 
-    /// The counters the consumers update; shared, so they can be read from any thread.
+    /// Returns the counters the consumers update, which any thread may read.
     pub fn counters(&self) -> Arc<ConsumerCounters> {
         Arc::clone(&self.counters)
     }

@@ -40,7 +40,7 @@ pub enum WriteError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
-/// The SQLSTATE and message of a database error, which `tokio_postgres::Error`'s own
+/// Formats the SQLSTATE and message of a database error, which `tokio_postgres::Error`'s own
 /// `Display` leaves out ("db error").
 fn describe(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {

@@ -5,7 +5,7 @@
 //! 503.
 //!
 //! The producer is idempotent with `acks=all`. The reply to `Publish` is `Ok` only after
-//! every event of the batch was acknowledged; if any event fails, times out
+//! every event of the batch was acknowledged. If any event fails, times out
 //! (`producer.delivery_timeout_ms`) or cannot be queued because librdkafka's queue is full,
 //! the reply is an error and the client gets 503. Events of a failed batch may still have
 //! been written, so a client retry can store an event twice unless the client sets the
@@ -56,7 +56,7 @@ pub fn encode(event: &Event) -> Result<Record, serde_json::Error> {
     })
 }
 
-/// Why a batch was not published.
+/// Failure to publish a batch.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("producer queue is full")]
@@ -75,7 +75,7 @@ pub struct Publish {
     pub reply: Reply<Result<(), PublishError>>,
 }
 
-/// Checks that the brokers answer and know the topic.
+/// Checks that the brokers respond to a metadata request for the topic.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Ping {
@@ -137,7 +137,7 @@ impl KafkaProducer {
         })
     }
 
-    /// The actor's status, for `/readyz`.
+    /// Returns the actor's status for `/readyz`.
     pub fn status(&self) -> SharedStatus {
         self.status.clone()
     }

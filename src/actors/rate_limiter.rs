@@ -78,17 +78,17 @@ const KEY_PREFIX: &str = "logpipe:ratelimit:";
 /// Subjects kept by the in-memory fallback before idle ones are dropped.
 const LOCAL_MAX_SUBJECTS: usize = 100_000;
 
-/// The subject of an API key's request limit.
+/// Returns the subject of an API key's request limit.
 pub fn api_key_subject(key_id: i64) -> String {
     format!("key:{key_id}")
 }
 
-/// The subject of the failed-login limit of a username.
+/// Returns the subject of the failed-login limit of a username.
 pub fn login_user_subject(username: &str) -> String {
     format!("login:user:{username}")
 }
 
-/// The subject of the failed-login limit of a client address.
+/// Returns the subject of the failed-login limit of a client address.
 pub fn login_addr_subject(addr: &str) -> String {
     format!("login:addr:{addr}")
 }
@@ -205,12 +205,12 @@ impl RateLimiter {
         }
     }
 
-    /// The actor's status for `/readyz`: `degraded` while Redis is unreachable.
+    /// Returns the actor's status for `/readyz`, `degraded` while Redis is unreachable.
     pub fn status(&self) -> SharedStatus {
         self.status.clone()
     }
 
-    /// The counters this actor updates; shared, so they can be read from any thread.
+    /// Returns the counters this actor updates, which any thread may read.
     pub fn counters(&self) -> Arc<RateLimitCounters> {
         Arc::clone(&self.counters)
     }
@@ -366,7 +366,7 @@ async fn run_pipeline(
     }
 }
 
-/// Why Redis gave no decision.
+/// Failure of Redis to reach a decision.
 #[derive(Debug, thiserror::Error)]
 enum StoreFailure {
     #[error("not connected")]
@@ -557,8 +557,8 @@ impl LocalLimiter {
     }
 }
 
-/// GCRA at time `now` for a subject whose theoretical arrival time is `tat` (both in
-/// microseconds); returns the decision and the new arrival time to store, if any.
+/// Decides by GCRA at time `now` for a subject whose theoretical arrival time is `tat`,
+/// both in microseconds. Returns the decision and the new arrival time to store, if any.
 fn gcra(now: u64, tat: u64, limit: Limit, consume: bool) -> (Decision, Option<u64>) {
     let interval = limit.interval_us();
     let tolerance = interval * u64::from(limit.burst.max(1));

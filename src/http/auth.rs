@@ -87,7 +87,7 @@ pub async fn signup(
                 field: "email",
                 message: "is already registered".into(),
             },
-            other => ApiError::account("cannot create user", other),
+            other => state.account_error("cannot create user", other),
         })?;
     tracing::info!(user_id = id, "user signed up");
 
@@ -119,7 +119,7 @@ pub async fn login(
         .accounts
         .find_user(&username)
         .await
-        .map_err(|err| ApiError::account("cannot look up user", err))?;
+        .map_err(|err| state.account_error("cannot look up user", err))?;
     // An unknown user is checked against a dummy hash so that both failures take the
     // same time and a caller cannot tell which usernames exist.
     let (user_id, phc) = match user {
@@ -155,7 +155,7 @@ pub async fn refresh(
         .accounts
         .use_refresh_token(claims.jti)
         .await
-        .map_err(|err| ApiError::account("cannot use refresh token", err))?;
+        .map_err(|err| state.account_error("cannot use refresh token", err))?;
     let Some((user_id, stored_hash)) = stored else {
         // A validly signed token that is no longer usable was most likely used before:
         // end the whole family, since one of its copies is in the wrong hands.
@@ -163,7 +163,7 @@ pub async fn refresh(
             .accounts
             .revoke_refresh_family(claims.jti)
             .await
-            .map_err(|err| ApiError::account("cannot revoke refresh tokens", err))?;
+            .map_err(|err| state.account_error("cannot revoke refresh tokens", err))?;
         if revoked > 0 {
             tracing::warn!(
                 user_id = claims.sub.as_str(),
@@ -181,7 +181,7 @@ pub async fn refresh(
     Ok(HttpResponse::Ok().json(pair))
 }
 
-/// The failed-login subjects of a request: its username and its client address.
+/// Returns the failed-login subjects of a request: its username and its client address.
 fn login_subjects(req: &HttpRequest, username: &str) -> [String; 2] {
     let addr = req
         .peer_addr()
@@ -256,7 +256,7 @@ async fn issue_pair(state: &AppState, user_id: i64) -> Result<TokenPair, ApiErro
             expires_at,
         )
         .await
-        .map_err(|err| ApiError::account("cannot store refresh token", err))?;
+        .map_err(|err| state.account_error("cannot store refresh token", err))?;
     Ok(TokenPair {
         access: access.token,
         refresh: refresh.token,

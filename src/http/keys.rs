@@ -62,7 +62,7 @@ pub async fn create(
             if err.is_missing_user() {
                 return ApiError::Unauthorized("invalid or expired access token");
             }
-            ApiError::account("cannot create API key", err)
+            state.account_error("cannot create API key", err)
         })?;
     tracing::info!(user_id = user.0, key_id = id, "API key created");
 
@@ -81,7 +81,7 @@ pub async fn list(state: web::Data<AppState>, user: AuthUser) -> Result<HttpResp
         .accounts
         .list_api_keys(user.0)
         .await
-        .map_err(|err| ApiError::account("cannot list API keys", err))?;
+        .map_err(|err| state.account_error("cannot list API keys", err))?;
     Ok(HttpResponse::Ok().json(keys))
 }
 
@@ -100,7 +100,7 @@ pub async fn update(
         .accounts
         .set_api_key_limit(key_id, user.0, limit)
         .await
-        .map_err(|err| ApiError::account("cannot update API key", err))?;
+        .map_err(|err| state.account_error("cannot update API key", err))?;
     let key = updated.ok_or(ApiError::NotFound)?;
     tracing::info!(user_id = user.0, key_id, limit = ?limit, "API key limit changed");
     Ok(HttpResponse::Ok().json(key))
@@ -117,7 +117,7 @@ pub async fn revoke(
         .accounts
         .revoke_api_key(key_id, user.0)
         .await
-        .map_err(|err| ApiError::account("cannot revoke API key", err))?;
+        .map_err(|err| state.account_error("cannot revoke API key", err))?;
     if !revoked {
         return Err(ApiError::NotFound);
     }

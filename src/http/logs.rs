@@ -179,7 +179,7 @@ async fn rate_limit(state: &AppState, key: &ApiKeyRecord) -> Result<Decision, Ap
     }
 }
 
-/// The rate-limit header fields (`RateLimit-Limit`, `-Remaining`, `-Reset`) of every
+/// Builds the rate-limit header fields (`RateLimit-Limit`, `-Remaining`, `-Reset`) of every
 /// `/api/logs/` response, lowercase as HTTP/2 requires.
 fn rate_limit_header_values(decision: &Decision) -> [(&'static str, String); 3] {
     let reset = decision.reset_after.as_secs() + u64::from(decision.reset_after.subsec_nanos() > 0);
@@ -211,7 +211,7 @@ fn rate_limited(decision: &Decision) -> HttpResponse {
     response
 }
 
-/// The `Content-Length` of the request, if it has a valid one.
+/// Returns the `Content-Length` of the request, if it has a valid one.
 fn declared_length(req: &HttpRequest) -> Option<usize> {
     req.headers()
         .get(CONTENT_LENGTH)

@@ -20,7 +20,7 @@ use actix_web::error::JsonPayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::accounts::{Accounts, ApiKeyCache};
+use crate::accounts::{AccountError, Accounts, ApiKeyCache};
 use crate::actors::consumer_supervisor::ConsumerSupervisor;
 use crate::actors::kafka_producer::KafkaProducer;
 use crate::actors::rate_limiter::RateLimiter;
@@ -73,6 +73,19 @@ impl AppState {
             what,
             retry_after: self.retry_after(),
         }
+    }
+
+    /// Maps a failed account operation: 503 when PostgreSQL is unreachable, 500 otherwise.
+    /// The cause is logged and never reaches the client.
+    pub fn account_error(&self, context: &'static str, err: AccountError) -> ApiError {
+        if err.is_unavailable() {
+            tracing::warn!(error = %err, "{context}");
+            return ApiError::Unavailable {
+                what: "database",
+                retry_after: self.retry_after(),
+            };
+        }
+        ApiError::internal(context, err)
     }
 
     /// Counts a request rejected with 503 and logs now and then.

@@ -146,7 +146,7 @@ async fn run(options: LoadOptions, stopped: watch::Receiver<bool>, stats: Arc<Mu
     }
 }
 
-/// Sends one body, retrying as the options say; true when it got a 2xx.
+/// Sends one body, retrying as the options set, and returns true when it got a 2xx.
 async fn send(
     client: &reqwest::Client,
     options: &LoadOptions,
