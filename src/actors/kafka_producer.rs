@@ -126,6 +126,14 @@ impl KafkaProducer {
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
         let producer: FutureProducer =
             kafka::producer_config(&config.kafka, &config.producer).create()?;
+        // Learns the topic's partitions now, so the first requests do not spend part of
+        // their deadline on the metadata lookup. A broker that is down only delays this.
+        if let Err(err) = producer
+            .client()
+            .fetch_metadata(Some(&config.kafka.topic), Duration::from_secs(5))
+        {
+            tracing::warn!(error = %err, "cannot read the topic's metadata at start");
+        }
         Ok(Self {
             kafka: config.kafka.clone(),
             settings: config.producer.clone(),
