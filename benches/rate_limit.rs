@@ -15,6 +15,7 @@ use futures::future::join_all;
 use logpipe::actors::call;
 use logpipe::actors::rate_limiter::{Check, Limit, Ping, RateLimiter};
 use logpipe::config::Config;
+use logpipe::telemetry::Metrics;
 use uuid::Uuid;
 
 /// Checks in flight at once in each iteration.
@@ -49,8 +50,9 @@ impl RunningLimiter {
         let (sender, receiver) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let runner = System::new();
-            let addr = runner
-                .block_on(async move { RateLimiter::new(redis, limits, MAILBOX_CAPACITY).start() });
+            let addr = runner.block_on(async move {
+                RateLimiter::new(redis, limits, MAILBOX_CAPACITY, Metrics::discarded()).start()
+            });
             let _ = sender.send((addr, System::current()));
             let _ = runner.run();
         });

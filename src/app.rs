@@ -22,6 +22,8 @@ use crate::actors::SharedStatus;
 use crate::auth::{self, TokenKeys};
 use crate::config::Config;
 use crate::http::{self, AppState, InFlightLimits};
+use crate::telemetry::events::EventExporter;
+use crate::telemetry::{self, Metrics, MetricsPipeline};
 use crate::{db, kafka};
 
 /// Parts of logpipe that a process runs.
@@ -54,6 +56,8 @@ pub struct RunningApp {
     producer: Option<Addr<KafkaProducer>>,
     shutdown_timeout: Duration,
     arbiters: Vec<Arbiter>,
+    events: Option<EventExporter>,
+    metrics: Arc<MetricsPipeline>,
 }
 
 impl RunningApp {
@@ -89,6 +93,12 @@ impl RunningApp {
                 let _ = flushed.await;
             }
         }
+        if let Some(events) = self.events {
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            events.shutdown(remaining).await;
+        }
+        let metrics = self.metrics;
+        let _ = web::block(move || metrics.shutdown()).await;
         for arbiter in self.arbiters {
             arbiter.stop();
         }
@@ -108,10 +118,17 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     if config.kafka.create_topic {
         kafka::ensure_topic(&config.kafka).await?;
     }
+    let pipeline = Arc::new(MetricsPipeline::new(&config.telemetry)?);
+    let metrics = pipeline.metrics.clone();
+    metrics.watch_pool(pool.clone());
+    let settings = &config.telemetry;
+    let events =
+        (role.runs_consumers() && telemetry::exporting(settings) && settings.export_events)
+            .then(|| EventExporter::start(settings, metrics.clone()));
 
     let mut arbiters = Vec::new();
     let (rate_limiter, producer, actor_statuses) = if role.runs_api() {
-        let actors = start_api_actors(&config, &mut arbiters)?;
+        let actors = start_api_actors(&config, &metrics, &mut arbiters)?;
         (
             Some(actors.rate_limiter),
             Some(actors.producer),
@@ -121,7 +138,13 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         (None, None, Vec::new())
     };
     let supervisor = if role.runs_consumers() {
-        Some(start_consumer_actors(&config, &pool, &mut arbiters))
+        Some(start_consumer_actors(
+            &config,
+            &pool,
+            &metrics,
+            events.clone(),
+            &mut arbiters,
+        ))
     } else {
         None
     };
@@ -144,6 +167,8 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         shed_logged_at_ms: AtomicU64::new(0),
         started: std::time::Instant::now(),
         supervisor: supervisor.clone(),
+        metrics,
+        prometheus: pipeline.registry.clone(),
     });
     let (server, addr) = http_server(&config, state, role)?;
     if handle_signals {
@@ -157,6 +182,8 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
         producer,
         shutdown_timeout: Duration::from_secs(config.http.shutdown_timeout_secs),
         arbiters,
+        events,
+        metrics: pipeline,
     })
 }
 
@@ -167,8 +194,13 @@ struct ApiActors {
     statuses: Vec<(&'static str, SharedStatus)>,
 }
 
-fn start_api_actors(config: &Config, arbiters: &mut Vec<Arbiter>) -> anyhow::Result<ApiActors> {
-    let producer = KafkaProducer::new(config).context("cannot create the Kafka producer")?;
+fn start_api_actors(
+    config: &Config,
+    metrics: &Metrics,
+    arbiters: &mut Vec<Arbiter>,
+) -> anyhow::Result<ApiActors> {
+    let producer =
+        KafkaProducer::new(config, metrics.clone()).context("cannot create the Kafka producer")?;
     let producer_status = producer.status();
     let producer_arbiter = Arbiter::new();
     let producer = Supervisor::start_in_arbiter(&producer_arbiter.handle(), move |_| producer);
@@ -178,6 +210,7 @@ fn start_api_actors(config: &Config, arbiters: &mut Vec<Arbiter>) -> anyhow::Res
         config.redis.clone(),
         config.rate_limit.clone(),
         config.mailbox.rate_limiter,
+        metrics.clone(),
     );
     let limiter_status = limiter.status();
     let limiter_arbiter = Arbiter::new();
@@ -196,12 +229,15 @@ fn start_api_actors(config: &Config, arbiters: &mut Vec<Arbiter>) -> anyhow::Res
 fn start_consumer_actors(
     config: &Arc<Config>,
     pool: &deadpool_postgres::Pool,
+    metrics: &Metrics,
+    events: Option<EventExporter>,
     arbiters: &mut Vec<Arbiter>,
 ) -> Addr<ConsumerSupervisor> {
     let arbiter = Arbiter::new();
-    let writer = DbWriter::new(pool.clone(), config.mailbox.db_writer);
+    let writer = DbWriter::new(pool.clone(), config.mailbox.db_writer, metrics.clone());
     let writer = DbWriter::start_in_arbiter(&arbiter.handle(), |_| writer);
-    let supervisor = ConsumerSupervisor::new(Config::clone(config), writer);
+    let supervisor =
+        ConsumerSupervisor::new(Config::clone(config), writer, metrics.clone(), events);
     let supervisor = ConsumerSupervisor::start_in_arbiter(&arbiter.handle(), |_| supervisor);
     arbiters.push(arbiter);
     supervisor
@@ -249,6 +285,9 @@ fn http_server(
                     Ok(response)
                 }
             })
+            .wrap(actix_web::middleware::from_fn(
+                http::metrics::record_request,
+            ))
             .wrap(TracingLogger::default())
             .configure(|cfg| http::routes(cfg, ingest))
     })

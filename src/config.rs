@@ -44,6 +44,7 @@ pub struct Config {
     pub mailbox: MailboxConfig,
     pub supervision: SupervisionConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// The HTTP listener.
@@ -214,6 +215,10 @@ pub struct ConsumerConfig {
     pub consumers: usize,
     /// Group session timeout, in milliseconds (`session.timeout.ms`). Default 10000.
     pub session_timeout_ms: u64,
+    /// How often each consumer samples its partitions' lag (high watermark minus committed
+    /// offset) for the `logpipe.kafka.consumer.lag` metric, in milliseconds
+    /// (`statistics.interval.ms`). Default 10000.
+    pub lag_sample_interval_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -222,6 +227,7 @@ impl Default for ConsumerConfig {
             group_id: "logpipe".into(),
             consumers: 2,
             session_timeout_ms: 10_000,
+            lag_sample_interval_ms: 10_000,
         }
     }
 }
@@ -403,6 +409,68 @@ impl Default for LogConfig {
     }
 }
 
+/// OpenTelemetry export (traces, metrics, logs) and the `GET /metrics` page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP receiver, such as `http://127.0.0.1:4318`; traces go to
+    /// `/v1/traces`, metrics to `/v1/metrics` and logs to `/v1/logs` under it. Empty means
+    /// nothing is exported. `OTEL_EXPORTER_OTLP_ENDPOINT` sets it too. Default empty.
+    pub otlp_endpoint: String,
+    /// `http/protobuf` or `http/json`. `OTEL_EXPORTER_OTLP_PROTOCOL` sets it too.
+    /// Default `http/protobuf`.
+    pub otlp_protocol: String,
+    /// Longest time one export request may take, in milliseconds. Default 10000.
+    pub otlp_timeout_ms: u64,
+    /// `service.name` of logpipe's own traces, metrics and logs. `OTEL_SERVICE_NAME` sets it
+    /// too. Default `logpipe`.
+    pub service_name: String,
+    /// Share of new traces that are recorded, from 0.0 to 1.0; a request that carries a
+    /// `traceparent` follows its caller's decision. Default 1.0.
+    pub trace_sample_ratio: f64,
+    /// How often metrics are exported, in milliseconds. Default 15000.
+    pub metric_interval_ms: u64,
+    /// Export every stored event as an OpenTelemetry log record under its own
+    /// `service.name`. Default true.
+    pub export_events: bool,
+    /// Most event log records waiting for export; when it is full, new records are dropped
+    /// and counted, and ingestion goes on. Default 8192.
+    pub event_queue_size: usize,
+    /// Most event log records in one export request. Default 512.
+    pub event_batch_size: usize,
+    /// Distinct event service names that get their own series in the events metric; the
+    /// others are counted under `other`. Default 200.
+    pub metric_service_limit: usize,
+    /// Serve `GET /metrics` in Prometheus text format. Default true.
+    pub prometheus: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_protocol: "http/protobuf".into(),
+            otlp_timeout_ms: 10_000,
+            service_name: "logpipe".into(),
+            trace_sample_ratio: 1.0,
+            metric_interval_ms: 15_000,
+            export_events: true,
+            event_queue_size: 8192,
+            event_batch_size: 512,
+            metric_service_limit: 200,
+            prometheus: true,
+        }
+    }
+}
+
+/// Standard OpenTelemetry variables and the settings they set. `LOGPIPE_` variables win
+/// over them.
+const OTEL_VARIABLES: &[(&str, &str)] = &[
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", "otlp_protocol"),
+    ("OTEL_SERVICE_NAME", "service_name"),
+];
+
 impl Config {
     /// Loads the file at `path` (or only the defaults when `path` is `None`), applies the
     /// `LOGPIPE_*` variables of `env`, and validates the result.
@@ -414,6 +482,8 @@ impl Config {
             Some(path) => read_table(path)?,
             None => toml::Table::new(),
         };
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        apply_otel_env(&mut table, &env);
         apply_env(&mut table, env)?;
         let config: Config = toml::Value::Table(table)
             .try_into()
@@ -510,6 +580,7 @@ impl Config {
             1,
         )?;
         one_of("log.format", &self.log.format, &["text", "json"])?;
+        self.validate_telemetry()?;
         Ok(())
     }
 
@@ -576,6 +647,63 @@ impl Config {
         Ok(())
     }
 
+    fn validate_telemetry(&self) -> Result<(), ConfigError> {
+        let telemetry = &self.telemetry;
+        let endpoint = telemetry.otlp_endpoint.trim();
+        if !endpoint.is_empty() {
+            let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+            if !scheme_ok || reqwest::Url::parse(endpoint).is_err() {
+                return Err(ConfigError::invalid(
+                    "telemetry.otlp_endpoint",
+                    format!("{endpoint:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if telemetry.otlp_protocol == "grpc" {
+            return Err(ConfigError::invalid(
+                "telemetry.otlp_protocol",
+                "grpc is not supported; use http/protobuf (the collector's port 4318) or http/json",
+            ));
+        }
+        one_of(
+            "telemetry.otlp_protocol",
+            &telemetry.otlp_protocol,
+            &["http/protobuf", "http/json"],
+        )?;
+        at_least("telemetry.otlp_timeout_ms", telemetry.otlp_timeout_ms, 100)?;
+        not_empty("telemetry.service_name", &telemetry.service_name)?;
+        if !(0.0..=1.0).contains(&telemetry.trace_sample_ratio) {
+            return Err(ConfigError::invalid(
+                "telemetry.trace_sample_ratio",
+                format!(
+                    "must be from 0.0 to 1.0 (got {})",
+                    telemetry.trace_sample_ratio
+                ),
+            ));
+        }
+        at_least(
+            "telemetry.metric_interval_ms",
+            telemetry.metric_interval_ms,
+            100,
+        )?;
+        at_least(
+            "telemetry.event_queue_size",
+            telemetry.event_queue_size as u64,
+            1,
+        )?;
+        at_least(
+            "telemetry.event_batch_size",
+            telemetry.event_batch_size as u64,
+            1,
+        )?;
+        at_least(
+            "consumer.lag_sample_interval_ms",
+            self.consumer.lag_sample_interval_ms,
+            100,
+        )?;
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let secret_len = self.auth.jwt_secret.len();
         if secret_len > 0 && secret_len < 32 {
@@ -612,6 +740,26 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
             path.display()
         ))
     })
+}
+
+/// Applies the standard OpenTelemetry variables of `OTEL_VARIABLES` to the `telemetry`
+/// section. An empty variable counts as unset.
+fn apply_otel_env(table: &mut toml::Table, env: &[(String, String)]) {
+    for (name, raw) in env {
+        let Some((_, key)) = OTEL_VARIABLES.iter().find(|(var, _)| var == name) else {
+            continue;
+        };
+        let raw = raw.trim();
+        if raw.is_empty() {
+            continue;
+        }
+        let section = table
+            .entry("telemetry")
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(section) = section {
+            section.insert((*key).to_string(), toml::Value::String(raw.to_string()));
+        }
+    }
 }
 
 /// Applies each `LOGPIPE_<SECTION>_<KEY>` variable to `table`, parsing the value as the
@@ -809,6 +957,61 @@ mod tests {
         assert!(!config.kafka.create_topic);
         assert_eq!(config.db_writer.batch_size, 250);
         assert_eq!(config.rate_limit.requests_per_minute, 7);
+    }
+
+    #[test]
+    fn standard_otel_variables_set_telemetry_and_logpipe_ones_win() {
+        let vars = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ("OTEL_SERVICE_NAME", "ingest-eu"),
+        ]);
+        let config = Config::load(None, vars).expect("valid variables");
+        assert_eq!(config.telemetry.otlp_endpoint, "http://collector:4318");
+        assert_eq!(config.telemetry.otlp_protocol, "http/json");
+        assert_eq!(config.telemetry.service_name, "ingest-eu");
+
+        let vars = env(&[
+            ("OTEL_SERVICE_NAME", "from-otel"),
+            ("LOGPIPE_TELEMETRY_SERVICE_NAME", "from-logpipe"),
+        ]);
+        let config = Config::load(None, vars).expect("valid variables");
+        assert_eq!(config.telemetry.service_name, "from-logpipe");
+    }
+
+    #[test]
+    fn invalid_telemetry_settings_name_the_setting() {
+        for (variable, value, setting) in [
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "collector:4318",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "grpc",
+                "telemetry.otlp_protocol",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                "thrift",
+                "telemetry.otlp_protocol",
+            ),
+            (
+                "LOGPIPE_TELEMETRY_TRACE_SAMPLE_RATIO",
+                "1.5",
+                "telemetry.trace_sample_ratio",
+            ),
+            (
+                "LOGPIPE_TELEMETRY_EVENT_QUEUE_SIZE",
+                "0",
+                "telemetry.event_queue_size",
+            ),
+        ] {
+            let err = Config::load(None, env(&[(variable, value)])).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains(setting), "{variable}={value}: {message}");
+        }
     }
 
     #[test]

@@ -10,7 +10,14 @@ use tokio_postgres::NoTls;
 use crate::config::PostgresConfig;
 
 /// The numbered migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("../sql/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../sql/0001_init.sql")),
+    (
+        2,
+        "trace_context",
+        include_str!("../sql/0002_trace_context.sql"),
+    ),
+];
 
 /// Key of the advisory lock that lets one process at a time apply migrations.
 const MIGRATION_LOCK_KEY: i64 = 0x6c6f_6770_6970_6531;

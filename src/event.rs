@@ -81,6 +81,12 @@ pub struct Event {
     /// Flat values from the `attributes` object, plus every top-level field outside the
     /// schema under its own name with its value as sent (which may be nested).
     pub attributes: Map<String, Value>,
+    /// W3C trace id the client sent with the event: 32 lowercase hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// W3C span id the client sent with the event: 16 lowercase hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
 }
 
 /// One problem with one event of a request.
@@ -129,6 +135,8 @@ const LOG_LEVEL: &str = "log_level";
 const MESSAGE: &str = "message";
 const TIMESTAMP: &str = "timestamp";
 const ATTRIBUTES: &str = "attributes";
+const TRACE_ID: &str = "trace_id";
+const SPAN_ID: &str = "span_id";
 
 /// Accepted level names in lowercase, with their severity and SeverityNumber.
 ///
@@ -348,6 +356,11 @@ fn build_event(
     let level = take_level(&mut fields, report);
     let message = take_message(&mut fields, report);
     let timestamp = take_timestamp(&mut fields, received_at, report);
+    let trace_id = take_trace_field(&mut fields, TRACE_ID, 32, report);
+    let span_id = take_trace_field(&mut fields, SPAN_ID, 16, report);
+    if matches!((&trace_id, &span_id), (Some(None), Some(Some(_)))) {
+        report.add(SPAN_ID, "needs trace_id in the same event");
+    }
     let mut attributes = take_attributes(&mut fields, report);
     merge_unknown_fields(fields, &mut attributes, report);
 
@@ -367,7 +380,42 @@ fn build_event(
         timestamp: timestamp?,
         received_at,
         attributes,
+        trace_id: trace_id?,
+        span_id: span_id?,
     })
+}
+
+/// Removes a W3C trace context field (`trace_id` or `span_id`) of `digits` hex digits.
+/// Returns `Some(None)` when it is absent or null, and `None` when it is invalid. The
+/// all-zero id is invalid in W3C Trace Context, so it is rejected.
+fn take_trace_field(
+    fields: &mut Map<String, Value>,
+    name: &str,
+    digits: usize,
+    report: &mut Report<'_>,
+) -> Option<Option<String>> {
+    let text = match fields.remove(name) {
+        None | Some(Value::Null) => return Some(None),
+        Some(Value::String(text)) => text,
+        Some(other) => {
+            let reason = format!(
+                "must be a string of {digits} hex digits, got {}",
+                describe_type(&other)
+            );
+            report.add(name, reason);
+            return None;
+        }
+    };
+    let hex = text.len() == digits && text.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex {
+        report.add(name, format!("must be {digits} hex digits"));
+        return None;
+    }
+    if text.bytes().all(|b| b == b'0') {
+        report.add(name, "must not be all zeros");
+        return None;
+    }
+    Some(Some(text.to_ascii_lowercase()))
 }
 
 /// Removes the client's `id`, or generates a UUIDv7 when there is none. A client id seen
@@ -949,6 +997,41 @@ mod tests {
 
     fn fields_of(errors: &[FieldError]) -> Vec<(usize, &str)> {
         errors.iter().map(|e| (e.index, e.field.as_str())).collect()
+    }
+
+    #[test]
+    fn trace_context_fields_are_kept_lowercase() {
+        let mut body = event_with("trace_id", Some(json!("4BF92F3577B34DA6A3CE929D0E0E4736")));
+        body["span_id"] = json!("00F067AA0BA902B7");
+        let event = parse_single(&body);
+        assert_eq!(
+            event.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(event.span_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert!(!event.attributes.contains_key("trace_id"));
+
+        let absent = parse_single(&event_with("trace_id", None));
+        assert_eq!((absent.trace_id, absent.span_id), (None, None));
+    }
+
+    #[test]
+    fn invalid_trace_context_fields_are_rejected() {
+        for (field, value) in [
+            ("trace_id", json!("4bf92f3577b34da6")),
+            ("trace_id", json!("00000000000000000000000000000000")),
+            ("trace_id", json!("zzf92f3577b34da6a3ce929d0e0e4736")),
+            ("trace_id", json!(42)),
+            ("span_id", json!("00f067aa0ba902")),
+            ("span_id", json!("0000000000000000")),
+        ] {
+            let mut body = event_with("trace_id", Some(json!("4bf92f3577b34da6a3ce929d0e0e4736")));
+            body[field] = value.clone();
+            let errors = field_errors(&body);
+            assert_eq!(fields_of(&errors), [(0, field)], "{field} = {value}");
+        }
+        let errors = field_errors(&event_with("span_id", Some(json!("00f067aa0ba902b7"))));
+        assert_eq!(fields_of(&errors), [(0, "span_id")]);
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub fn consumer_config(kafka: &KafkaConfig, consumer: &ConsumerConfig) -> Client
     let mut config = base_config(kafka);
     config
         .set("group.id", &consumer.group_id)
+        .set(
+            "statistics.interval.ms",
+            consumer.lag_sample_interval_ms.to_string(),
+        )
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")

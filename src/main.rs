@@ -67,21 +67,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { role } => {
             let config = load_config(cli.config)?;
-            telemetry::init(&config.log);
-            actix_web::rt::System::new().block_on(async move {
+            let telemetry = telemetry::init(&config);
+            let served = actix_web::rt::System::new().block_on(async move {
                 let running = app::start(config, role, true).await?;
                 running.wait().await
-            })
+            });
+            telemetry.shutdown();
+            served
         }
         Command::Migrate => {
             let config = load_config(cli.config)?;
-            telemetry::init(&config.log);
-            tokio_runtime()?.block_on(async {
+            let telemetry = telemetry::init(&config);
+            let migrated = tokio_runtime()?.block_on(async {
                 let pool = db::pool(&config.postgres)?;
                 let applied = db::migrate(&pool).await?;
                 println!("applied {} migration(s)", applied.len());
                 Ok(())
-            })
+            });
+            telemetry.shutdown();
+            migrated
         }
         Command::Replay {
             url,

@@ -79,6 +79,13 @@ fn compose_runs_api_and_consumer() {
     }
 }
 
+/// The standard OpenTelemetry variables logpipe reads.
+const STANDARD_OTEL: &[&str] = &[
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+];
+
 #[test]
 fn compose_settings_exist_in_config() {
     let compose = compose();
@@ -92,7 +99,7 @@ fn compose_settings_exist_in_config() {
         );
         for (variable, _) in &variables {
             assert!(
-                variable.starts_with("LOGPIPE_"),
+                variable.starts_with("LOGPIPE_") || STANDARD_OTEL.contains(&variable.as_str()),
                 "{name}: {variable} is not a logpipe setting"
             );
         }
@@ -100,7 +107,16 @@ fn compose_settings_exist_in_config() {
         assert!(
             loaded.is_ok(),
             "{name}: {}",
-            loaded.err().map(|err| err.to_string()).unwrap_or_default()
+            loaded
+                .as_ref()
+                .err()
+                .map(|err| err.to_string())
+                .unwrap_or_default()
+        );
+        let config = loaded.expect("loaded");
+        assert_eq!(
+            config.telemetry.otlp_endpoint, "http://otel-collector:4318",
+            "{name} exports to the collector's OTLP/HTTP port"
         );
     }
 }

@@ -51,6 +51,8 @@ fn raw_event(user_id: i64, message: &str) -> Event {
         timestamp: Utc::now(),
         received_at: Utc::now(),
         attributes: serde_json::Map::new(),
+        trace_id: None,
+        span_id: None,
     }
 }
 

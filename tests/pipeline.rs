@@ -122,6 +122,8 @@ fn stored_event(user_id: i64, message: &str) -> Event {
         timestamp: Utc::now(),
         received_at: Utc::now(),
         attributes: serde_json::Map::new(),
+        trace_id: None,
+        span_id: None,
     }
 }
 

@@ -514,7 +514,13 @@ async fn window_never_exceeds_limit_plus_burst() {
     };
     let interval = Duration::from_millis(100);
     let config = limit_config();
-    let limiter = RateLimiter::new(config.redis, config.rate_limit, 1024).start();
+    let limiter = RateLimiter::new(
+        config.redis,
+        config.rate_limit,
+        1024,
+        logpipe::telemetry::Metrics::discarded(),
+    )
+    .start();
     wait_for_redis(&limiter).await;
     let subject = format!("test:window:{}", Uuid::new_v4().simple());
 

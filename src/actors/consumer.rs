@@ -13,37 +13,61 @@
 //! offset is stored, so it is never lost and never stops its partition.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Message};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::db_writer::{DbWriter, WriteBatch, WriteError, WriteOutcome};
 use crate::config::{Config, DbWriterConfig};
 use crate::event::Event;
 use crate::kafka;
+use crate::telemetry::events::EventExporter;
+use crate::telemetry::metrics::{ActorName, Metrics};
+use crate::telemetry::propagation;
 
 /// Header of a dead-letter message that carries why it could not be stored.
 pub const HEADER_ERROR: &str = "logpipe-error";
 /// Header of a dead-letter message naming where it came from: `topic/partition/offset`.
 pub const HEADER_SOURCE: &str = "logpipe-source";
 
-/// Counters shared by every consumer of a process, for metrics.
-#[derive(Debug, Default)]
-pub struct ConsumerCounters {
-    /// Messages sent to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Rows written to PostgreSQL.
-    pub rows_written: AtomicU64,
+/// Most traces a batch span links to; the rest of a batch's traces are not linked.
+const MAX_LINKS: usize = 128;
+
+/// The consumer's librdkafka context: turns its periodic statistics into the lag metric.
+pub struct LagContext {
+    index: usize,
+    metrics: Metrics,
 }
+
+impl ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut lag = Vec::new();
+        for (topic, stats) in statistics.topics {
+            for (partition, stats) in stats.partitions {
+                // Partition -1 is librdkafka's internal one, and a lag of -1 means the
+                // partition is not assigned here or its offsets are not known yet.
+                if partition >= 0 && stats.consumer_lag >= 0 {
+                    lag.push((topic.clone(), partition, stats.consumer_lag));
+                }
+            }
+        }
+        self.metrics.consumer_lag(self.index, lag);
+    }
+}
+
+impl ConsumerContext for LagContext {}
 
 /// Failure that stopped a consumer on its own. The supervisor then starts a new one.
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +84,65 @@ pub enum ConsumerError {
 #[derive(Default)]
 struct Batch {
     events: Vec<Event>,
+    /// The trace context each event was published with, by position in `events`.
+    traces: Vec<Option<SpanContext>>,
     offsets: HashMap<i32, i64>,
     started: Option<Instant>,
 }
 
 impl Batch {
-    fn push(&mut self, partition: i32, offset: i64, event: Option<Event>) {
+    fn push(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        event: Option<Event>,
+        trace: Option<SpanContext>,
+    ) {
         self.started.get_or_insert_with(Instant::now);
         self.offsets.insert(partition, offset);
-        self.events.extend(event);
+        if let Some(event) = event {
+            self.events.push(event);
+            self.traces.push(trace);
+        }
+    }
+
+    /// The span of writing this batch: a child of the publishing span when every event
+    /// came from one trace, else a new trace linked to each (up to `MAX_LINKS`).
+    fn span(&self, consumer: usize) -> tracing::Span {
+        let span = tracing::info_span!(
+            "kafka.consume",
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.batch.message_count = self.events.len(),
+            consumer,
+        );
+        let mut distinct: Vec<&SpanContext> = Vec::new();
+        for context in self.traces.iter().flatten() {
+            if distinct.len() == MAX_LINKS {
+                break;
+            }
+            if !distinct
+                .iter()
+                .any(|seen| seen.trace_id() == context.trace_id())
+            {
+                distinct.push(context);
+            }
+        }
+        match distinct.as_slice() {
+            [] => {}
+            [only] => {
+                let parent =
+                    opentelemetry::Context::new().with_remote_span_context((*only).clone());
+                let _ = span.set_parent(parent);
+            }
+            many => {
+                for context in many {
+                    span.add_link((*context).clone());
+                }
+            }
+        }
+        span
     }
 
     fn is_empty(&self) -> bool {
@@ -95,12 +169,13 @@ enum Attempt<T> {
 pub struct ConsumerTask {
     index: usize,
     topic: String,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<LagContext>,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
     db_writer: Addr<DbWriter>,
     settings: DbWriterConfig,
-    counters: Arc<ConsumerCounters>,
+    metrics: Metrics,
+    events: Option<EventExporter>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -110,12 +185,18 @@ impl ConsumerTask {
         index: usize,
         config: &Config,
         db_writer: Addr<DbWriter>,
-        counters: Arc<ConsumerCounters>,
+        metrics: Metrics,
+        events: Option<EventExporter>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, ConsumerError> {
-        let consumer: StreamConsumer = kafka::consumer_config(&config.kafka, &config.consumer)
-            .create()
-            .map_err(ConsumerError::Create)?;
+        let context = LagContext {
+            index,
+            metrics: metrics.clone(),
+        };
+        let consumer: StreamConsumer<LagContext> =
+            kafka::consumer_config(&config.kafka, &config.consumer)
+                .create_with_context(context)
+                .map_err(ConsumerError::Create)?;
         consumer.subscribe(&[&config.kafka.topic])?;
         let dead_letters: FutureProducer = kafka::producer_config(&config.kafka, &config.producer)
             .create()
@@ -128,7 +209,8 @@ impl ConsumerTask {
             dead_letter_topic: config.kafka.dead_letter_topic.clone(),
             db_writer,
             settings: config.db_writer.clone(),
-            counters,
+            metrics,
+            events,
             shutdown,
         })
     }
@@ -148,8 +230,9 @@ impl ConsumerTask {
                 Some(Ok(message)) => {
                     let partition = message.partition();
                     let offset = message.offset();
+                    let trace = propagation::extract(message.headers());
                     match self.decode(&message).await {
-                        Attempt::Done(event) => batch.push(partition, offset, event),
+                        Attempt::Done(event) => batch.push(partition, offset, event, trace),
                         Attempt::Interrupted => break,
                     }
                 }
@@ -228,7 +311,7 @@ impl ConsumerTask {
                 return Attempt::Interrupted;
             }
         }
-        self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.metrics.dead_lettered();
         tracing::error!(
             consumer = self.index,
             source = %letter.source,
@@ -245,13 +328,22 @@ impl ConsumerTask {
         if batch.is_empty() {
             return Ok(());
         }
+        let span = batch.span(self.index);
         let events = Arc::new(batch.events);
-        let written = match self.write_until_stored(Arc::clone(&events)).await? {
-            Attempt::Done(Ok(_)) => true,
-            Attempt::Done(Err(err)) => self.write_each(&events, &err).await?,
-            Attempt::Interrupted => false,
-        };
+        let written = async {
+            let written = match self.write_until_stored(Arc::clone(&events)).await? {
+                Attempt::Done(Ok(_)) => true,
+                Attempt::Done(Err(err)) => self.write_each(&events, &err).await?,
+                Attempt::Interrupted => false,
+            };
+            Ok::<_, ConsumerError>(written)
+        }
+        .instrument(span)
+        .await?;
         if written {
+            if let Some(exporter) = &self.events {
+                exporter.export(events.iter().zip(batch.traces.iter().map(Option::as_ref)));
+            }
             self.store_offsets(&batch.offsets);
         } else {
             tracing::warn!(
@@ -276,9 +368,6 @@ impl ConsumerTask {
                     if failures > 0 {
                         tracing::info!(consumer = self.index, "PostgreSQL writes succeed again");
                     }
-                    self.counters
-                        .rows_written
-                        .fetch_add(outcome.inserted, Ordering::Relaxed);
                     return Ok(Attempt::Done(Ok(outcome)));
                 }
                 Err(err) if err.is_permanent() => return Ok(Attempt::Done(Err(err))),
@@ -344,8 +433,14 @@ impl ConsumerTask {
         events: Arc<Vec<Event>>,
     ) -> Result<Result<WriteOutcome, WriteError>, ConsumerError> {
         let (reply, answer) = oneshot::channel();
+        let _pending = self.metrics.mailbox(ActorName::DbWriter).enter();
+        let span = tracing::Span::current();
         self.db_writer
-            .send(WriteBatch { events, reply })
+            .send(WriteBatch {
+                events,
+                span,
+                reply,
+            })
             .await
             .map_err(|_| ConsumerError::WriterStopped)?;
         answer.await.map_err(|_| ConsumerError::WriterStopped)

@@ -10,7 +10,6 @@
 //! `supervision.restart_max_delay_ms`, for as long as the supervisor runs. Each restart is
 //! logged once with its cause and counted.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -18,10 +17,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::consumer::{ConsumerCounters, ConsumerError, ConsumerTask};
+use super::consumer::{ConsumerError, ConsumerTask};
 use super::db_writer::DbWriter;
 use super::Reply;
 use crate::config::Config;
+use crate::telemetry::events::EventExporter;
+use crate::telemetry::metrics::{ActorName, Metrics};
 
 /// A consumer that ran this long without failing starts its next restart delay over from
 /// the initial one.
@@ -67,7 +68,8 @@ pub struct ConsumerSupervisor {
     shutdown: watch::Sender<bool>,
     consumers: Vec<Slot>,
     stop_waiters: Vec<Reply<()>>,
-    counters: Arc<ConsumerCounters>,
+    metrics: Metrics,
+    events: Option<EventExporter>,
 }
 
 /// State the supervisor keeps for one consumer.
@@ -78,7 +80,12 @@ struct Slot {
 }
 
 impl ConsumerSupervisor {
-    pub fn new(config: Config, db_writer: Addr<DbWriter>) -> Self {
+    pub fn new(
+        config: Config,
+        db_writer: Addr<DbWriter>,
+        metrics: Metrics,
+        events: Option<EventExporter>,
+    ) -> Self {
         let consumers = (0..config.consumer.consumers)
             .map(|index| Slot {
                 status: ConsumerStatus {
@@ -98,13 +105,9 @@ impl ConsumerSupervisor {
             shutdown: watch::channel(false).0,
             consumers,
             stop_waiters: Vec::new(),
-            counters: Arc::default(),
+            metrics,
+            events,
         }
-    }
-
-    /// Returns the counters the consumers update, which any thread may read.
-    pub fn counters(&self) -> Arc<ConsumerCounters> {
-        Arc::clone(&self.counters)
     }
 
     fn is_stopping(&self) -> bool {
@@ -126,7 +129,8 @@ impl ConsumerSupervisor {
             index,
             &self.config,
             self.db_writer.clone(),
-            Arc::clone(&self.counters),
+            self.metrics.clone(),
+            self.events.clone(),
             self.shutdown.subscribe(),
         );
         let task = match task {
@@ -159,6 +163,7 @@ impl ConsumerSupervisor {
                 }
                 slot.failures_in_row += 1;
                 slot.status.restarts += 1;
+                self.metrics.actor_restarted(ActorName::Consumer);
                 slot.status.state = "restarting";
                 slot.status.last_error = Some(error_class(&err));
                 let delay = self.config.supervision.restart_delay(slot.failures_in_row);

@@ -11,14 +11,17 @@
 //! concurrently, up to the pool size.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Reply;
 use crate::event::Event;
+use crate::telemetry::Metrics;
 
 const INSERT_LOGS: &str = include_str!("../../sql/queries/insert_logs.sql");
 
@@ -67,6 +70,8 @@ impl WriteError {
 #[rtype(result = "()")]
 pub struct WriteBatch {
     pub events: Arc<Vec<Event>>,
+    /// The span the insert's span belongs under.
+    pub span: tracing::Span,
     pub reply: Reply<Result<WriteOutcome, WriteError>>,
 }
 
@@ -89,13 +94,15 @@ pub struct Ping {
 pub struct DbWriter {
     pool: Pool,
     mailbox_capacity: usize,
+    metrics: Metrics,
 }
 
 impl DbWriter {
-    pub fn new(pool: Pool, mailbox_capacity: usize) -> Self {
+    pub fn new(pool: Pool, mailbox_capacity: usize, metrics: Metrics) -> Self {
         Self {
             pool,
             mailbox_capacity,
+            metrics,
         }
     }
 }
@@ -113,10 +120,30 @@ impl Handler<WriteBatch> for DbWriter {
 
     fn handle(&mut self, msg: WriteBatch, _ctx: &mut Context<Self>) {
         let pool = self.pool.clone();
-        actix::spawn(async move {
-            let result = write_batch(&pool, &msg.events).await;
-            let _ = msg.reply.send(result);
-        });
+        let metrics = self.metrics.clone();
+        let span = tracing::info_span!(
+            parent: &msg.span,
+            "db.insert",
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.operation.name = "INSERT",
+            db.collection.name = "logs",
+            db.operation.batch.size = msg.events.len(),
+            otel.status_code = tracing::field::Empty,
+        );
+        actix::spawn(
+            async move {
+                let started = Instant::now();
+                let result = write_batch(&pool, &msg.events).await;
+                let rows = result.as_ref().ok().map(|outcome| outcome.inserted);
+                metrics.db_insert(msg.events.len(), rows, started.elapsed());
+                if result.is_err() {
+                    tracing::Span::current().record("otel.status_code", "ERROR");
+                }
+                let _ = msg.reply.send(result);
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -151,6 +178,8 @@ struct Columns<'a> {
     timestamps: Vec<DateTime<Utc>>,
     received_ats: Vec<DateTime<Utc>>,
     attributes: Vec<tokio_postgres::types::Json<&'a serde_json::Map<String, serde_json::Value>>>,
+    trace_ids: Vec<Option<&'a str>>,
+    span_ids: Vec<Option<&'a str>>,
 }
 
 impl<'a> Columns<'a> {
@@ -170,6 +199,8 @@ impl<'a> Columns<'a> {
             columns
                 .attributes
                 .push(tokio_postgres::types::Json(&event.attributes));
+            columns.trace_ids.push(event.trace_id.as_deref());
+            columns.span_ids.push(event.span_id.as_deref());
         }
         columns
     }
@@ -201,6 +232,8 @@ pub async fn write_batch(pool: &Pool, events: &[Event]) -> Result<WriteOutcome, 
                 &c.timestamps,
                 &c.received_ats,
                 &c.attributes,
+                &c.trace_ids,
+                &c.span_ids,
             ],
         )
         .await?;

@@ -16,7 +16,8 @@
 //! its supervisor starts it again with a new producer after a delay that doubles with each
 //! failure in a row (`[supervision]`). The restart is logged once and counted.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::future::join_all;
@@ -28,6 +29,7 @@ use super::{Reply, SharedStatus};
 use crate::config::{Config, KafkaConfig, ProducerConfig, SupervisionConfig};
 use crate::event::Event;
 use crate::kafka::{self, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT_ID};
+use crate::telemetry::metrics::{ActorName, Metrics};
 
 /// One event ready to be published.
 pub struct Record {
@@ -72,6 +74,8 @@ pub enum PublishError {
 #[rtype(result = "()")]
 pub struct Publish {
     pub records: Vec<Record>,
+    /// W3C trace context headers (`traceparent`, `tracestate`) added to every message.
+    pub trace: Vec<(String, String)>,
     pub reply: Reply<Result<(), PublishError>>,
 }
 
@@ -109,6 +113,16 @@ fn needs_new_producer(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// The `reason` of a failed delivery in the failures metric.
+fn failure_reason(code: Option<RDKafkaErrorCode>) -> &'static str {
+    match code {
+        Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
+        Some(code) if needs_new_producer(code) => "producer_fenced",
+        Some(_) => "broker",
+        None => "canceled",
+    }
+}
+
 /// The actor; see the module documentation.
 pub struct KafkaProducer {
     kafka: KafkaConfig,
@@ -118,12 +132,13 @@ pub struct KafkaProducer {
     mailbox_capacity: usize,
     failures_in_row: u32,
     status: SharedStatus,
+    metrics: Metrics,
 }
 
 impl KafkaProducer {
     /// Creates the producer. Connecting happens in the background, so this succeeds while
     /// the brokers are down.
-    pub fn new(config: &Config) -> Result<Self, KafkaError> {
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, KafkaError> {
         let producer: FutureProducer =
             kafka::producer_config(&config.kafka, &config.producer).create()?;
         // Learns the topic's partitions now, so the first requests do not spend part of
@@ -142,6 +157,7 @@ impl KafkaProducer {
             mailbox_capacity: config.mailbox.kafka_producer,
             failures_in_row: 0,
             status: SharedStatus::default(),
+            metrics,
         })
     }
 
@@ -154,10 +170,11 @@ impl KafkaProducer {
     fn enqueue(
         &self,
         records: &[Record],
+        trace: &[(String, String)],
     ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, PublishError> {
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
-            let headers = OwnedHeaders::new_with_capacity(2)
+            let mut headers = OwnedHeaders::new_with_capacity(2 + trace.len())
                 .insert(Header {
                     key: HEADER_EVENT_ID,
                     value: Some(record.event_id.as_bytes()),
@@ -166,6 +183,12 @@ impl KafkaProducer {
                     key: HEADER_CONTENT_TYPE,
                     value: Some(CONTENT_TYPE_JSON.as_bytes()),
                 });
+            for (key, value) in trace {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
             let message = FutureRecord::to(&self.kafka.topic)
                 .key(record.key.as_bytes())
                 .payload(&record.payload)
@@ -223,6 +246,7 @@ impl Handler<CheckFatal> for KafkaProducer {
             return;
         };
         let restarts = self.status.count_restart();
+        self.metrics.actor_restarted(ActorName::KafkaProducer);
         self.status.set("restarting", Some("kafka_fatal"));
         tracing::error!(%code, %reason, restarts, "Kafka producer hit a fatal error; restarting it");
         ctx.stop();
@@ -233,28 +257,50 @@ impl Handler<Publish> for KafkaProducer {
     type Result = ();
 
     fn handle(&mut self, msg: Publish, ctx: &mut Context<Self>) {
-        let deliveries = match self.enqueue(&msg.records) {
+        let started = Instant::now();
+        let deliveries = match self.enqueue(&msg.records, &msg.trace) {
             Ok(deliveries) => deliveries,
             Err(err) => {
+                let reason = match err {
+                    PublishError::QueueFull => "queue_full",
+                    _ => "rejected",
+                };
+                self.metrics
+                    .publish_failed(reason, msg.records.len() as u64);
                 let _ = msg.reply.send(Err(err));
                 ctx.notify(CheckFatal(None));
                 return;
             }
         };
         let addr = ctx.address();
+        let metrics = self.metrics.clone();
+        let queued = deliveries.len() as i64;
+        metrics
+            .publish_in_flight()
+            .fetch_add(queued, Ordering::Relaxed);
         actix::spawn(async move {
             let mut result = Ok(());
             let mut code = None;
+            let mut failed = 0u64;
             for delivery in join_all(deliveries).await {
                 match delivery {
                     Ok(Ok(_)) => {}
                     Ok(Err((err, _))) => {
                         code = err.rdkafka_error_code().or(code);
                         result = Err(PublishError::Kafka(err));
+                        failed += 1;
                     }
-                    Err(_) => result = Err(PublishError::Canceled),
+                    Err(_) => {
+                        result = Err(PublishError::Canceled);
+                        failed += 1;
+                    }
                 }
             }
+            metrics
+                .publish_in_flight()
+                .fetch_sub(queued, Ordering::Relaxed);
+            let failure = (failed > 0).then(|| (failure_reason(code), failed));
+            metrics.publish_finished(started.elapsed(), failure);
             if result.is_err() {
                 addr.do_send(CheckFatal(code));
             }

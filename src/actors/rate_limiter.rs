@@ -18,8 +18,6 @@
 //! end. Reconnection is automatic, and the actor is restarted by its supervisor if it stops.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -28,6 +26,7 @@ use redis::Script;
 
 use super::{Reply, SharedStatus};
 use crate::config::{RateLimitConfig, RedisConfig, StoreErrorPolicy};
+use crate::telemetry::metrics::{ActorName, Metrics};
 
 /// GCRA in one atomic step. KEYS[1]: the subject's state, its theoretical arrival time in
 /// microseconds. ARGV[1]: emission interval in microseconds. ARGV[2]: burst. ARGV[3]: 1 to
@@ -133,15 +132,6 @@ pub enum RateLimitError {
     Redis(String),
 }
 
-/// Decision counters, labelled by outcome only, for metrics.
-#[derive(Debug, Default)]
-pub struct RateLimitCounters {
-    pub allowed: AtomicU64,
-    pub blocked: AtomicU64,
-    /// Decisions made while Redis was unreachable.
-    pub degraded: AtomicU64,
-}
-
 /// Decides whether `subject` may make one more request. With `consume` false, the
 /// decision is only looked up and nothing is recorded.
 #[derive(Message)]
@@ -184,12 +174,17 @@ pub struct RateLimiter {
     in_flight: bool,
     local: LocalLimiter,
     outage_since: Option<Instant>,
-    counters: Arc<RateLimitCounters>,
+    metrics: Metrics,
     status: SharedStatus,
 }
 
 impl RateLimiter {
-    pub fn new(redis: RedisConfig, limits: RateLimitConfig, mailbox_capacity: usize) -> Self {
+    pub fn new(
+        redis: RedisConfig,
+        limits: RateLimitConfig,
+        mailbox_capacity: usize,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             redis,
             limits,
@@ -200,7 +195,7 @@ impl RateLimiter {
             in_flight: false,
             local: LocalLimiter::default(),
             outage_since: None,
-            counters: Arc::default(),
+            metrics,
             status: SharedStatus::default(),
         }
     }
@@ -208,11 +203,6 @@ impl RateLimiter {
     /// Returns the actor's status for `/readyz`, `degraded` while Redis is unreachable.
     pub fn status(&self) -> SharedStatus {
         self.status.clone()
-    }
-
-    /// Returns the counters this actor updates, which any thread may read.
-    pub fn counters(&self) -> Arc<RateLimitCounters> {
-        Arc::clone(&self.counters)
     }
 
     fn timeout(&self) -> Duration {
@@ -296,7 +286,7 @@ impl RateLimiter {
         for (check, values) in batch.into_iter().zip(values) {
             let decision = decision_from_script(check.limit.per_minute, &values);
             self.local.observe(&check.subject, decision.reset_after);
-            self.count(&decision);
+            self.metrics.rate_limit_decision(decision.allowed, false);
             let _ = check.reply.send(Ok(decision));
         }
     }
@@ -318,20 +308,10 @@ impl RateLimiter {
                 StoreErrorPolicy::Deny => Err(failure.to_error()),
             };
             if let Ok(decision) = &result {
-                self.count(decision);
+                self.metrics.rate_limit_decision(decision.allowed, true);
             }
-            self.counters.degraded.fetch_add(1, Ordering::Relaxed);
             let _ = check.reply.send(result);
         }
-    }
-
-    fn count(&self, decision: &Decision) {
-        let counter = if decision.allowed {
-            &self.counters.allowed
-        } else {
-            &self.counters.blocked
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -407,6 +387,7 @@ impl Actor for RateLimiter {
 impl Supervised for RateLimiter {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         let restarts = self.status.count_restart();
+        self.metrics.actor_restarted(ActorName::RateLimiter);
         tracing::warn!(restarts, "rate limiter restarting");
         self.connection = None;
         self.in_flight = false;

@@ -11,6 +11,7 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt;
 use serde::Serialize;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::AppState;
@@ -21,6 +22,8 @@ use crate::actors::{call, CallError};
 use crate::auth;
 use crate::error::ApiError;
 use crate::event::{self, FieldError, Owner, ParseError};
+use crate::telemetry::metrics::ActorName;
+use crate::telemetry::propagation;
 
 /// The header that carries the API key.
 pub const API_KEY_HEADER: &str = "API-KEY";
@@ -40,6 +43,18 @@ pub async fn ingest(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let result = handle(&state, &req, payload).await;
+    if let Err(err) = &result {
+        state.metrics.ingest_rejected(err.code());
+    }
+    result
+}
+
+async fn handle(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let received_at = Utc::now();
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable {
@@ -47,16 +62,22 @@ pub async fn ingest(
             retry_after: state.retry_after(),
         });
     }
-    let _admission = state.admit(declared_length(&req))?;
-    let key = authenticate_key(&state, &req).await?;
+    let _admission = state.admit(declared_length(req))?;
+    let key = authenticate_key(state, req).await?;
 
-    let decision = rate_limit(&state, &key).await?;
+    let decision = rate_limit(state, &key)
+        .instrument(tracing::info_span!("rate_limit.check"))
+        .await?;
     if !decision.allowed {
+        state.metrics.ingest_rejected("rate_limited");
         return Ok(rate_limited(&decision));
     }
-    let mut response = match accept(&state, &req, payload, &key, received_at).await {
+    let mut response = match accept(state, req, payload, &key, received_at).await {
         Ok(response) => response,
-        Err(err) => err.error_response(),
+        Err(err) => {
+            state.metrics.ingest_rejected(err.code());
+            err.error_response()
+        }
     };
     add_rate_limit_headers(&mut response, &decision);
     Ok(response)
@@ -86,7 +107,27 @@ async fn accept(
     })?;
 
     let ids: Vec<Uuid> = events.iter().map(|event| event.id).collect();
-    publish(state, &events).await?;
+    let span = tracing::info_span!(
+        "kafka.publish",
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %state.config.kafka.topic,
+        messaging.batch.message_count = events.len(),
+        otel.status_code = tracing::field::Empty,
+    );
+    let published = publish(state, &events, &span)
+        .instrument(span.clone())
+        .await;
+    if published.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    published?;
+    state.metrics.events_ingested(
+        events
+            .iter()
+            .map(|event| (event.service_name.as_str(), event.severity)),
+    );
 
     Ok(HttpResponse::Accepted().json(Accepted {
         accepted: ids.len(),
@@ -165,6 +206,7 @@ async fn rate_limit(state: &AppState, key: &ApiKeyRecord) -> Result<Decision, Ap
         consume: true,
         reply,
     };
+    let _pending = state.metrics.mailbox(ActorName::RateLimiter).enter();
     match call(limiter, build, state.ingest_deadline()).await {
         Ok(Ok(decision)) => Ok(decision),
         Ok(Err(err)) => {
@@ -266,7 +308,11 @@ fn check_message_sizes(records: &[kafka_producer::Record], limit: usize) -> Resu
     }
 }
 
-async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiError> {
+async fn publish(
+    state: &AppState,
+    events: &[event::Event],
+    span: &tracing::Span,
+) -> Result<(), ApiError> {
     let producer = state
         .producer
         .as_ref()
@@ -277,7 +323,13 @@ async fn publish(state: &AppState, events: &[event::Event]) -> Result<(), ApiErr
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| ApiError::internal("cannot encode event", err))?;
     check_message_sizes(&records, state.config.producer.max_message_bytes)?;
-    let build = |reply| Publish { records, reply };
+    let trace = propagation::inject(span);
+    let build = |reply| Publish {
+        records,
+        trace,
+        reply,
+    };
+    let _pending = state.metrics.mailbox(ActorName::KafkaProducer).enter();
     match call(producer, build, state.ingest_deadline()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(PublishError::QueueFull)) => Err(state.unavailable("kafka", CallError::Full)),

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod health;
 pub mod keys;
 pub mod logs;
+pub mod metrics;
 
 use std::future::{ready, Ready};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +55,9 @@ pub struct AppState {
     pub shed: AtomicU64,
     pub shed_logged_at_ms: AtomicU64,
     pub started: std::time::Instant,
+    pub metrics: crate::telemetry::Metrics,
+    /// The registry `GET /metrics` renders; `None` when `telemetry.prometheus` is off.
+    pub prometheus: Option<prometheus::Registry>,
 }
 
 impl AppState {
@@ -163,7 +167,8 @@ impl InFlightLimits {
 /// Registers every route of the API (`ingest` false: only the health routes).
 pub fn routes(cfg: &mut web::ServiceConfig, ingest: bool) {
     cfg.service(resource(&["/healthz"], "GET").route(web::get().to(health::healthz)))
-        .service(resource(&["/readyz"], "GET").route(web::get().to(health::readyz)));
+        .service(resource(&["/readyz"], "GET").route(web::get().to(health::readyz)))
+        .service(resource(&["/metrics"], "GET").route(web::get().to(metrics::prometheus)));
     if ingest {
         api_routes(cfg);
     }
@@ -251,9 +256,11 @@ fn authenticate(req: &HttpRequest) -> Result<AuthUser, ApiError> {
         .ok_or(ApiError::Unauthorized(
             "missing Authorization: Bearer header",
         ))?;
+    // The scheme is case-insensitive (RFC 9110).
     let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+        .map(|_| &header[7..])
         .ok_or(ApiError::Unauthorized(
             "Authorization header must be 'Bearer <access token>'",
         ))?;

@@ -34,6 +34,16 @@ impl ChildApp {
     /// Spawns `logpipe serve --role ROLE` with `config` on a free port and waits until
     /// `/healthz` returns 200.
     pub async fn start(name: &str, config: &Config, role: Role) -> ChildApp {
+        Self::start_with_env(name, config, role, &[]).await
+    }
+
+    /// Like [`ChildApp::start`], with extra environment variables for the child.
+    pub async fn start_with_env(
+        name: &str,
+        config: &Config,
+        role: Role,
+        env: &[(&str, &str)],
+    ) -> ChildApp {
         let mut config = config.clone();
         config.http.listen = format!("127.0.0.1:{}", free_port());
         let role_name = match role {
@@ -45,6 +55,7 @@ impl ChildApp {
             .args(["serve", "--role", role_name])
             .env_remove("LOGPIPE_CONFIG")
             .envs(config_env(&config))
+            .envs(env.iter().copied())
             .current_dir(std::env::temp_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,230 @@
+//! logpipe's own telemetry: logs to stdout (text or JSON), and, when an OTLP endpoint is
+//! configured, traces, metrics, logs and the ingested events exported over OTLP/HTTP.
+//!
+//! Without `telemetry.otlp_endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) nothing is
+//! exported and no exporter is built. Metrics are collected either way, for `GET /metrics`.
+//! Exports run on their own threads and tasks with bounded queues; a collector that is
+//! down costs one warning per outage and never slows or fails ingestion.
+
+pub mod events;
+pub mod metrics;
+pub mod names;
+mod otlp;
+pub mod propagation;
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+pub use metrics::Metrics;
+pub use otlp::outage;
+
+use crate::config::{Config, TelemetryConfig};
+
+/// Targets whose logs never go over OTLP: the exporters' own, which would feed back into
+/// themselves.
+const EXPORT_TARGETS: &[&str] = &[
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+    "opentelemetry_http",
+    "reqwest",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "tower",
+];
+
+/// Directives added to `log.level`: the OpenTelemetry SDK's own logs are quiet unless
+/// something is wrong.
+const QUIET_SDK: &str = "opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
+
+/// The installed exporters of traces and of logpipe's own logs; [`Telemetry::shutdown`]
+/// flushes them.
+#[must_use = "call shutdown before exiting, or buffered telemetry is lost"]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    logger: Option<SdkLoggerProvider>,
+}
+
+/// True when an OTLP endpoint is configured.
+pub fn exporting(config: &TelemetryConfig) -> bool {
+    !config.otlp_endpoint.trim().is_empty()
+}
+
+/// The resource of logpipe's own telemetry.
+fn resource(config: &TelemetryConfig) -> Resource {
+    Resource::builder()
+        .with_service_name(config.service_name.clone())
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// The filter of the stdout logs: `RUST_LOG` when set, else `log.level`.
+fn stdout_filter(level: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{QUIET_SDK},{level}")))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Installs the global subscriber: stdout, plus OTLP traces and logs when an endpoint is
+/// configured.
+pub fn init(config: &Config) -> Telemetry {
+    let ansi = std::io::stdout().is_terminal();
+    let stdout: Box<dyn Layer<Registry> + Send + Sync> = if config.log.format == "json" {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_ansi(ansi).boxed()
+    };
+    let mut layers = vec![stdout.with_filter(stdout_filter(&config.log.level)).boxed()];
+
+    let settings = &config.telemetry;
+    let mut telemetry = Telemetry {
+        tracer: None,
+        logger: None,
+    };
+    let mut problems = Vec::new();
+    if exporting(settings) {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        match otlp::span_exporter(settings) {
+            Ok(exporter) => {
+                let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                    settings.trace_sample_ratio,
+                )));
+                let provider = SdkTracerProvider::builder()
+                    .with_resource(resource(settings))
+                    .with_sampler(sampler)
+                    .with_batch_exporter(exporter)
+                    .build();
+                let tracer = provider.tracer("logpipe");
+                // Spans only; the events inside them go out as log records instead.
+                let spans = Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_targets(EXPORT_TARGETS.iter().map(|t| (*t, LevelFilter::OFF)));
+                layers.push(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_tracked_inactivity(false)
+                        .with_filter(spans)
+                        .boxed(),
+                );
+                telemetry.tracer = Some(provider);
+            }
+            Err(err) => problems.push(format!("traces: {err}")),
+        }
+        match otlp::log_exporter(settings) {
+            Ok(exporter) => {
+                let provider = SdkLoggerProvider::builder()
+                    .with_resource(resource(settings))
+                    .with_batch_exporter(exporter)
+                    .build();
+                let mut filter = stdout_filter(&config.log.level);
+                for target in EXPORT_TARGETS {
+                    if let Ok(directive) = format!("{target}=off").parse() {
+                        filter = filter.add_directive(directive);
+                    }
+                }
+                layers.push(
+                    OpenTelemetryTracingBridge::new(&provider)
+                        .with_filter(filter)
+                        .boxed(),
+                );
+                telemetry.logger = Some(provider);
+            }
+            Err(err) => problems.push(format!("logs: {err}")),
+        }
+    }
+    if let Err(err) = tracing_subscriber::registry().with(layers).try_init() {
+        eprintln!("logpipe: cannot install the log subscriber: {err}");
+    }
+    for problem in problems {
+        tracing::error!(%problem, "cannot build an OTLP exporter; that signal is not exported");
+    }
+    if exporting(settings) {
+        tracing::info!(
+            endpoint = %settings.otlp_endpoint,
+            protocol = %settings.otlp_protocol,
+            "exporting telemetry over OTLP"
+        );
+    }
+    telemetry
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporters.
+    pub fn shutdown(self) {
+        if let Some(tracer) = self.tracer {
+            if let Err(err) = tracer.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("logpipe: cannot flush traces: {err}");
+            }
+        }
+        if let Some(logger) = self.logger {
+            if let Err(err) = logger.shutdown_with_timeout(Duration::from_secs(5)) {
+                eprintln!("logpipe: cannot flush logs: {err}");
+            }
+        }
+    }
+}
+
+/// The metrics of one running logpipe, their provider and the `/metrics` registry.
+pub struct MetricsPipeline {
+    pub metrics: Metrics,
+    /// Present when `telemetry.prometheus` is on.
+    pub registry: Option<prometheus::Registry>,
+    provider: SdkMeterProvider,
+}
+
+impl MetricsPipeline {
+    /// Builds the instruments with a Prometheus reader for `/metrics` and, when an endpoint
+    /// is configured, a periodic OTLP reader.
+    pub fn new(config: &TelemetryConfig) -> anyhow::Result<Self> {
+        let mut builder = SdkMeterProvider::builder().with_resource(resource(config));
+        let registry = if config.prometheus {
+            let registry = prometheus::Registry::new();
+            let exporter = opentelemetry_prometheus::exporter()
+                .with_registry(registry.clone())
+                .without_scope_info()
+                .build()
+                .map_err(|err| anyhow::anyhow!("cannot build the /metrics exporter: {err}"))?;
+            builder = builder.with_reader(exporter);
+            Some(registry)
+        } else {
+            None
+        };
+        if exporting(config) {
+            let exporter = otlp::metric_exporter(config)
+                .map_err(|err| anyhow::anyhow!("cannot build the OTLP metric exporter: {err}"))?;
+            let reader = PeriodicReader::builder(exporter)
+                .with_interval(Duration::from_millis(config.metric_interval_ms))
+                .build();
+            builder = builder.with_reader(reader);
+        }
+        let provider = builder.build();
+        let meter = opentelemetry::metrics::MeterProvider::meter(&provider, "logpipe");
+        Ok(Self {
+            metrics: Metrics::new(&meter, config.metric_service_limit),
+            registry,
+            provider,
+        })
+    }
+
+    /// Exports the last values and stops the readers. Blocks; call it off the async threads.
+    pub fn shutdown(&self) {
+        if let Err(err) = self.provider.shutdown_with_timeout(Duration::from_secs(5)) {
+            tracing::debug!(error = %err, "cannot flush metrics");
+        }
+    }
+}
