@@ -1,9 +1,9 @@
 //! Export of stored events as OpenTelemetry log records, so that they can be searched in
 //! an OpenTelemetry backend beside logpipe's own telemetry.
 //!
-//! Each record has the event's `service_name` as its resource's `service.name`, the event's
-//! severity, its message as body, its attributes, and a trace context: the one the client
-//! sent with the event, or else the one of the request that ingested it. The consumers hand
+//! Each record has the event's `service_name` as its resource's `service.name`, and the
+//! event's severity, message (as body) and attributes. Its trace context is the one the
+//! client sent with the event, or else the one of the request that ingested it. The consumers hand
 //! records over with [`EventExporter::export`], which never waits: the queue is bounded by
 //! `telemetry.event_queue_size`, and a record that does not fit is dropped and counted. One
 //! task sends the queue in batches of up to `telemetry.event_batch_size` records; a failed
@@ -30,7 +30,7 @@ use super::{otlp, Metrics};
 use crate::config::TelemetryConfig;
 use crate::event::Event;
 
-/// Longest time a record waits for its batch to fill.
+/// Maximum time a record waits for its batch to fill.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
 
 /// Instrumentation scope of the event records.

@@ -3,7 +3,7 @@
 //!
 //! Without `telemetry.otlp_endpoint` (or `OTEL_EXPORTER_OTLP_ENDPOINT`) nothing is
 //! exported and no exporter is built. Metrics are collected either way, for `GET /metrics`.
-//! Exports run on their own threads and tasks with bounded queues; a collector that is
+//! Exports run on their own threads and tasks with bounded queues. A collector that is
 //! down costs one warning per outage and never slows or fails ingestion.
 
 pub mod events;
@@ -65,7 +65,7 @@ pub fn exporting(config: &TelemetryConfig) -> bool {
     !config.otlp_endpoint.trim().is_empty()
 }
 
-/// The resource of logpipe's own telemetry.
+/// Builds the resource of logpipe's own telemetry.
 fn resource(config: &TelemetryConfig) -> Resource {
     Resource::builder()
         .with_service_name(config.service_name.clone())
@@ -73,7 +73,7 @@ fn resource(config: &TelemetryConfig) -> Resource {
         .build()
 }
 
-/// The filter of the stdout logs: `RUST_LOG` when set, else `log.level`.
+/// Builds the filter of the stdout logs: `RUST_LOG` when set, else `log.level`.
 fn stdout_filter(level: &str) -> EnvFilter {
     EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{QUIET_SDK},{level}")))
@@ -110,7 +110,8 @@ pub fn init(config: &Config) -> Telemetry {
                     .with_batch_exporter(exporter)
                     .build();
                 let tracer = provider.tracer("logpipe");
-                // Spans only; the events inside them go out as log records instead.
+                // Spans, with the events inside them, at INFO and above. The exporters' own are
+                // left out, so that exporting cannot feed back into itself.
                 let spans = Targets::new()
                     .with_default(LevelFilter::INFO)
                     .with_targets(EXPORT_TARGETS.iter().map(|t| (*t, LevelFilter::OFF)));

@@ -25,7 +25,7 @@ pub struct Outage {
     down: AtomicBool,
 }
 
-/// The process's tracker: there is one collector endpoint per process.
+/// Returns the process's tracker, since a process has one collector endpoint.
 pub fn outage() -> &'static Outage {
     static OUTAGE: OnceLock<Outage> = OnceLock::new();
     OUTAGE.get_or_init(Outage::default)
@@ -48,7 +48,7 @@ impl Outage {
     /// Ends an outage, if there was one.
     pub fn succeeded(&self) {
         if self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!(target: "logpipe::telemetry", "the OTLP endpoint answers again");
+            tracing::info!(target: "logpipe::telemetry", "telemetry export to the OTLP endpoint succeeds again");
         }
     }
 
@@ -61,7 +61,7 @@ impl Outage {
     }
 }
 
-/// The URL of one signal: `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` when set, else the base
+/// Returns the URL of one signal: `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` when set, else the base
 /// endpoint with the signal's path.
 pub fn signal_url(base: &str, signal: &str) -> String {
     let variable = format!(

@@ -7,7 +7,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The trace context headers of `span`, as `(name, value)` pairs; empty when the span is
+/// Returns the trace context headers of `span`, as `(name, value)` pairs; empty when the span is
 /// not recorded, which is the case when no traces are exported.
 pub fn inject(span: &tracing::Span) -> Vec<(String, String)> {
     let context = span.context();
