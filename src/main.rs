@@ -10,6 +10,12 @@ use logpipe::config::Config;
 use logpipe::replay::{self, ReplayOptions};
 use logpipe::{db, telemetry};
 
+/// jemalloc in place of glibc's malloc. Under the load run (`BENCHMARKS.md`), glibc's
+/// malloc and free took about a third of logpipe's CPU time.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Log ingestion: REST to Kafka to PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "logpipe", version)]
