@@ -344,12 +344,19 @@ fn ingest_headers(key: &str) -> String {
     format!("API-KEY: {key}\r\nContent-Type: application/json\r\n")
 }
 
-/// CPU time of the measured processes and of this process, and the memory peaks of the
-/// former, from [`Usage::start`] to [`Usage::finish`].
+/// The other processes whose CPU time the report shows, by process name.
+const SERVICE_PROCESSES: [&str; 3] = ["postgres", "tansu", "redis-server"];
+
+/// CPU time of the measured processes, of this process, of the services and of the whole
+/// machine, and the memory peaks of the measured processes, from [`Usage::start`] to
+/// [`Usage::finish`].
 struct Usage {
     pids: Vec<u32>,
+    started: Instant,
     cpu_before: Vec<f64>,
     own_cpu_before: f64,
+    services_before: Vec<f64>,
+    machine_before: (f64, f64),
     rss: RssWatch,
 }
 
@@ -357,8 +364,11 @@ impl Usage {
     fn start(pids: &[u32]) -> Usage {
         Usage {
             pids: pids.to_vec(),
+            started: Instant::now(),
             cpu_before: cpu_of(pids),
             own_cpu_before: procstat::cpu_seconds(std::process::id()).unwrap_or(0.0),
+            services_before: services_cpu(),
+            machine_before: procstat::machine_cpu_seconds(),
             rss: RssWatch::start(pids),
         }
     }
@@ -366,16 +376,32 @@ impl Usage {
     fn finish(self) -> ProcessUse {
         let cpu_after = cpu_of(&self.pids);
         let own_cpu = procstat::cpu_seconds(std::process::id()).unwrap_or(0.0);
+        let services = services_cpu();
+        let (busy, total) = procstat::machine_cpu_seconds();
         ProcessUse {
-            cpu_seconds: cpu_after
-                .iter()
-                .zip(&self.cpu_before)
-                .map(|(after, before)| after - before)
-                .collect(),
+            wall: self.started.elapsed(),
+            cpu_seconds: difference(&cpu_after, &self.cpu_before),
             generator_cpu_seconds: own_cpu - self.own_cpu_before,
+            services: SERVICE_PROCESSES
+                .into_iter()
+                .zip(difference(&services, &self.services_before))
+                .collect(),
+            machine_busy_seconds: busy - self.machine_before.0,
+            machine_total_seconds: total - self.machine_before.1,
             peak_rss_kib: self.rss.stop(),
         }
     }
+}
+
+fn difference(after: &[f64], before: &[f64]) -> Vec<f64> {
+    after.iter().zip(before).map(|(a, b)| a - b).collect()
+}
+
+fn services_cpu() -> Vec<f64> {
+    SERVICE_PROCESSES
+        .iter()
+        .map(|name| procstat::cpu_seconds_of_name(name))
+        .collect()
 }
 
 fn cpu_of(pids: &[u32]) -> Vec<f64> {

@@ -151,3 +151,36 @@ impl RssWatch {
         peaks.clone()
     }
 }
+
+/// CPU seconds of all processes whose name (`/proc/PID/comm`) is `name`, summed. Time of
+/// processes that exited is not included.
+pub fn cpu_seconds_of_name(name: &str) -> f64 {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    processes
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| process_name(*pid) == name)
+        .filter_map(cpu_seconds)
+        .sum()
+}
+
+/// Busy and total CPU seconds of the whole machine, summed over its cores, from the
+/// first line of `/proc/stat`. Idle and I/O wait count as not busy.
+pub fn machine_cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    let per_second = clock_ticks_per_second();
+    ((total - idle) / per_second, total / per_second)
+}

@@ -27,10 +27,17 @@ pub struct Ceilings {
 
 /// CPU and memory of the measured processes over one workload.
 pub struct ProcessUse {
+    /// Time from the start of the workload until its rows arrived.
+    pub wall: Duration,
     /// CPU seconds of each measured process.
     pub cpu_seconds: Vec<f64>,
     /// CPU seconds of this process, the load generator.
     pub generator_cpu_seconds: f64,
+    /// CPU seconds of the services, by process name.
+    pub services: Vec<(&'static str, f64)>,
+    /// Busy and total CPU seconds of the machine, summed over its cores.
+    pub machine_busy_seconds: f64,
+    pub machine_total_seconds: f64,
     /// Peak `VmRSS` of each measured process, in KiB.
     pub peak_rss_kib: Vec<u64>,
 }
@@ -92,6 +99,7 @@ pub fn print(report: &Report) {
     print_a(report);
     print_b(report);
     print_processes(report);
+    print_cpu(report);
     print_ceilings(report);
     print_ratios(report);
 }
@@ -194,6 +202,45 @@ fn print_processes(report: &Report) {
         per_thousand(gen_a, a_events),
         per_thousand(gen_b, b_events),
     );
+}
+
+fn print_cpu(report: &Report) {
+    let uses = [("A", &report.a_use), ("B", &report.b_use)];
+    let names: Vec<&str> = report
+        .a_use
+        .services
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    println!();
+    println!("### CPU seconds by process, from the start of a workload until its rows arrived");
+    println!();
+    println!(
+        "| workload | time | machine busy | logpipe | load generator | {} | other |",
+        names.join(" | ")
+    );
+    println!("|---|---|---|---|---|{}---|", "---|".repeat(names.len()));
+    for (name, usage) in uses {
+        let logpipe: f64 = usage.cpu_seconds.iter().sum();
+        let services: f64 = usage.services.iter().map(|(_, cpu)| cpu).sum();
+        let other = usage.machine_busy_seconds - logpipe - usage.generator_cpu_seconds - services;
+        let columns: Vec<String> = usage
+            .services
+            .iter()
+            .map(|(_, cpu)| format!("{cpu:.1}"))
+            .collect();
+        println!(
+            "| {name} | {:.1} s | {:.1} of {:.1} ({:.0} %) | {:.1} | {:.1} | {} | {:.1} |",
+            usage.wall.as_secs_f64(),
+            usage.machine_busy_seconds,
+            usage.machine_total_seconds,
+            100.0 * usage.machine_busy_seconds / usage.machine_total_seconds,
+            logpipe,
+            usage.generator_cpu_seconds,
+            columns.join(" | "),
+            other,
+        );
+    }
 }
 
 /// One stage's limit with workload A's and B's shapes, in events per second.
