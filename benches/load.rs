@@ -123,9 +123,15 @@ fn main() {
     }
     let options = Options::from_env();
     let config = load_config();
-    let logpipe = ("logpipe", options.addr.to_string());
+    if !support::reachable(&options.addr.to_string()) {
+        println!(
+            "load: skipped, no logpipe is listening at {}; run scripts/bench, or start \
+             logpipe with a raised rate limit and set BENCH_URL",
+            options.url
+        );
+        return;
+    }
     let services = [
-        logpipe,
         postgres_service(&config),
         redis_service(&config),
         kafka_service(&config),
@@ -138,12 +144,29 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let report = runtime.block_on(run(&options, &config));
-    report::print(&report);
+    runtime.block_on(run(&options, &config));
 }
 
-async fn run(options: &Options, config: &Config) -> Report {
+/// Measures, prints the report, then deletes the users the run created and their rows, so
+/// that runs do not fill the database.
+async fn run(options: &Options, config: &Config) {
     let setup = Setup::new(options, config).await;
+    let report = measure(options, config, &setup).await;
+    report::print(&report);
+
+    let users = [setup.a_user_id, setup.b_user_id];
+    println!("load: deleting the run's users and their rows");
+    for statement in [
+        "DELETE FROM logs WHERE user_id = ANY($1)",
+        "DELETE FROM users WHERE id = ANY($1)",
+    ] {
+        if let Err(err) = setup.db.execute(statement, &[&users.as_slice()]).await {
+            println!("load: cleanup failed on `{statement}`: {err}");
+        }
+    }
+}
+
+async fn measure(options: &Options, config: &Config, setup: &Setup) -> Report {
     if options.pids.is_empty() {
         println!("load: no logpipe process found; memory and CPU are not measured");
     }
@@ -151,12 +174,12 @@ async fn run(options: &Options, config: &Config) -> Report {
         "load: measuring ceilings for {:?} each",
         options.ceiling_duration
     );
-    let ceilings = measure_ceilings(options, config, &setup).await;
+    let ceilings = measure_ceilings(options, config, setup).await;
 
     println!("load: workload A for at most {:?}", options.a_duration);
-    let (a, a_use, a_rows) = workload_a(options, &setup).await;
+    let (a, a_use, a_rows) = workload_a(options, setup).await;
     println!("load: workload B for at most {:?}", options.b_duration);
-    let (b, b_use) = workload_b(options, &setup).await;
+    let (b, b_use) = workload_b(options, setup).await;
 
     let hwm_kib = options
         .pids
