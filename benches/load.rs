@@ -14,7 +14,8 @@
 //! Each workload stops at its request count or its duration, whichever comes first, and
 //! then waits at most `BENCH_DRAIN_SECS` for its rows. The memory and CPU of the logpipe
 //! processes (`BENCH_PIDS`, or whatever listens on the port of `BENCH_URL`) come from
-//! `/proc`. The result is printed as Markdown tables.
+//! `/proc`. The result is printed as Markdown tables. The run then deletes the two users it
+//! signed up and their rows.
 //!
 //! Settings (environment, defaults in brackets): `BENCH_URL` [http://127.0.0.1:8080],
 //! `BENCH_PIDS` [found by port], `BENCH_A_CONCURRENCY` [64], `BENCH_A_SECS` [20],
@@ -257,6 +258,7 @@ async fn create_user_with_key(
     );
     let password = "load bench password";
     let post = |path: &str, body: Value| client.post(format!("{base}{path}")).json(&body).send();
+
     let email = format!("{username}@example.com");
     let signup = json!({"username": username, "email": email, "password": password});
     let response = post("/api/auth/signup/", signup)
@@ -267,6 +269,7 @@ async fn create_user_with_key(
         "signup failed: {}",
         response.status()
     );
+
     let login = json!({"username": username, "password": password});
     let tokens: Value = post("/api/auth/login/", login)
         .await
@@ -275,6 +278,7 @@ async fn create_user_with_key(
         .await
         .expect("login response");
     let access = tokens["access"].as_str().expect("access token");
+
     let key: Value = client
         .post(format!("{base}/api/key/"))
         .bearer_auth(access)
@@ -286,6 +290,7 @@ async fn create_user_with_key(
         .await
         .expect("key response");
     let key = key["api_key"].as_str().expect("api key").to_string();
+
     let user_id = db
         .query_one("SELECT id FROM users WHERE username = $1", &[&username])
         .await

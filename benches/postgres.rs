@@ -4,8 +4,8 @@
 //!
 //! Needs PostgreSQL at `LOGPIPE_POSTGRES_URL` (the default is in `config/logpipe.toml`).
 //! Without it the bench prints why and measures nothing. The rows it writes into `logs`
-//! belong to a negative user id that no account has, and are deleted when it ends; the
-//! scratch table is dropped.
+//! belong to a negative user id that no account has, and the bench deletes them and drops
+//! the scratch table when it ends.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -34,7 +34,7 @@ const UNREACHED_LIMIT: Limit = Limit {
 const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
 /// An actix-web server on a free loopback port whose `POST /api/logs/` reads the body and
-/// answers 202 with no body, in a thread of its own.
+/// responds 202 with no body, in a thread of its own.
 pub struct EmptyServer {
     pub addr: std::net::SocketAddr,
     handle: ServerHandle,
@@ -163,7 +163,7 @@ pub async fn insert_rate(
 
 /// Decisions per second of a `RateLimiter` with logpipe's Redis and rate-limit settings,
 /// with `concurrency` checks in flight on one subject, as requests with one API key make.
-/// Returns `None` when Redis does not answer, since local decisions would not measure it.
+/// Returns `None` when Redis does not respond, since local decisions would not measure it.
 pub async fn redis_decision_rate(
     config: &Config,
     concurrency: usize,

@@ -1,5 +1,5 @@
 //! A closed-loop HTTP load: a fixed number of connections, each sending its next request
-//! as soon as the previous one is answered, until a request count or a duration is reached.
+//! as soon as the previous one got its response, until a request count or a duration is reached.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -59,7 +59,7 @@ impl LoadOutcome {
         self.accepted() as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// The latency below which `fraction` of the 202s were answered.
+    /// The latency below which `fraction` of the 202s arrived.
     pub fn percentile(&self, fraction: f64) -> Duration {
         let sorted = &self.accepted_latencies_us;
         if sorted.is_empty() {

@@ -99,7 +99,7 @@ async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<(
     Ok(())
 }
 
-/// Parses the response head once `buffer` holds all of it; `None` until then.
+/// Parses the response head once `buffer` contains all of it, and returns `None` until then.
 fn parse_head(buffer: &[u8]) -> io::Result<Option<Head>> {
     let Some(end) = buffer.windows(4).position(|window| window == b"\r\n\r\n") else {
         return Ok(None);

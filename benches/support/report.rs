@@ -17,7 +17,7 @@ pub struct Ceilings {
     /// Rows per second of binary COPY and of logpipe's INSERT statement.
     pub copy: f64,
     pub insert: f64,
-    /// Decisions per second with A's and B's concurrency; `None` when Redis did not answer.
+    /// Decisions per second with A's and B's concurrency; `None` when Redis did not respond.
     pub redis_a: Option<f64>,
     pub redis_b: Option<f64>,
     /// Parallel COPY and INSERT streams, and rows per batch.
@@ -296,7 +296,7 @@ fn stages(report: &Report) -> Vec<Stage> {
 }
 
 fn print_ceilings(report: &Report) {
-    let show = |value: Option<f64>| value.map_or("Redis did not answer".into(), rate);
+    let show = |value: Option<f64>| value.map_or("Redis did not respond".into(), rate);
     println!();
     println!("### Ceilings in events/s, measured in the same run while logpipe was idle");
     println!();
@@ -342,6 +342,7 @@ fn print_ratios(report: &Report) {
             &stage_b,
         ),
     ];
+
     println!();
     println!("### logpipe as a fraction of the lowest ceiling");
     println!();
