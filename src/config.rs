@@ -260,7 +260,7 @@ impl Default for DbWriterConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
-    /// Requests per minute per API key. Default 100.
+    /// Requests per minute per API key, from 1 to 60,000,000. Default 100.
     pub requests_per_minute: u32,
     /// Requests a key may make at once after being idle; 0 means equal to
     /// `requests_per_minute`. Default 0.
@@ -559,6 +559,13 @@ impl Config {
             "rate_limit.requests_per_minute",
             self.rate_limit.requests_per_minute.into(),
             1,
+        )?;
+        // The limiter counts in whole microseconds between requests, so a higher limit
+        // would make that interval 0 and divide by it.
+        at_most(
+            "rate_limit.requests_per_minute",
+            self.rate_limit.requests_per_minute.into(),
+            60_000_000,
         )?;
         at_least("rate_limit.max_batch", self.rate_limit.max_batch as u64, 1)?;
         at_least(
@@ -1020,6 +1027,20 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("postgres.pool_size"), "{message}");
         assert!(message.contains("LOGPIPE_POSTGRES_POOL_SIZE"), "{message}");
+    }
+
+    #[test]
+    fn rate_limit_above_one_per_microsecond_rejected() {
+        let vars = env(&[("LOGPIPE_RATE_LIMIT_REQUESTS_PER_MINUTE", "60000001")]);
+        let message = Config::load(None, vars).unwrap_err().to_string();
+        assert!(
+            message.contains("rate_limit.requests_per_minute"),
+            "{message}"
+        );
+        assert!(message.contains("at most 60000000"), "{message}");
+
+        let vars = env(&[("LOGPIPE_RATE_LIMIT_REQUESTS_PER_MINUTE", "60000000")]);
+        assert!(Config::load(None, vars).is_ok());
     }
 
     #[test]

@@ -10,6 +10,13 @@ use logpipe::config::Config;
 use logpipe::replay::{self, ReplayOptions};
 use logpipe::{db, telemetry};
 
+/// jemalloc in place of glibc's malloc. In the load run of `BENCHMARKS.md`, glibc's malloc
+/// and free took about 29 % of logpipe's CPU samples, and its per-thread arenas raised the
+/// peak resident memory.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Log ingestion: REST to Kafka to PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "logpipe", version)]

@@ -164,9 +164,9 @@ impl Handler<Ping> for DbWriter {
     }
 }
 
-/// The batch as one array per column, the shape `unnest` takes.
+/// The batch as one array per column, the shape `unnest` takes. Public for the benches.
 #[derive(Default)]
-struct Columns<'a> {
+pub struct Columns<'a> {
     ids: Vec<Uuid>,
     user_ids: Vec<i64>,
     api_key_ids: Vec<i64>,
@@ -183,7 +183,7 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
-    fn from_events(events: &'a [Event]) -> Self {
+    pub fn from_events(events: &'a [Event]) -> Self {
         let mut columns = Columns::default();
         for event in events {
             columns.ids.push(event.id);
