@@ -31,7 +31,11 @@ fn encode_all(events: &[logpipe::event::Event]) -> Vec<Record> {
 async fn publish(producer: &actix::Addr<KafkaProducer>, records: Vec<Record>) {
     call(
         producer,
-        |reply| Publish { records, reply },
+        |reply| Publish {
+            records,
+            trace: Vec::new(),
+            reply,
+        },
         PUBLISH_DEADLINE,
     )
     .await
@@ -49,7 +53,8 @@ fn publish_batches(c: &mut Criterion) {
     let bare = bare_producer(&config);
     let actor_config = config.clone();
     let actor = ActorThread::start(move || {
-        KafkaProducer::new(&actor_config).expect("KafkaProducer created")
+        KafkaProducer::new(&actor_config, logpipe::telemetry::Metrics::discarded())
+            .expect("KafkaProducer created")
     });
 
     let mut group = c.benchmark_group("kafka_publish");

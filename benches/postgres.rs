@@ -40,6 +40,7 @@ fn fresh(events: &[Event]) -> Vec<Event> {
 async fn write(writer: &actix::Addr<DbWriter>, events: Vec<Event>) {
     let build = |reply| WriteBatch {
         events: Arc::new(events),
+        span: tracing::Span::none(),
         reply,
     };
     let outcome = call(writer, build, WRITE_DEADLINE)
@@ -71,7 +72,13 @@ fn write_batches(c: &mut Criterion) {
         .expect("migrations applied");
     let scratch = runtime.block_on(ScratchTable::create(&config.postgres.url));
     runtime.block_on(delete_bench_rows(scratch.client()));
-    let writer = ActorThread::start(move || DbWriter::new(pool, MAILBOX_CAPACITY));
+    let writer = ActorThread::start(move || {
+        DbWriter::new(
+            pool,
+            MAILBOX_CAPACITY,
+            logpipe::telemetry::Metrics::discarded(),
+        )
+    });
     let table = &scratch;
 
     let mut group = c.benchmark_group("postgres_write");

@@ -171,7 +171,14 @@ pub async fn redis_decision_rate(
 ) -> Option<f64> {
     let (redis, limits) = (config.redis.clone(), config.rate_limit.clone());
     let mailbox = 4 * concurrency.max(1);
-    let limiter = ActorThread::start(move || RateLimiter::new(redis, limits, mailbox));
+    let limiter = ActorThread::start(move || {
+        RateLimiter::new(
+            redis,
+            limits,
+            mailbox,
+            logpipe::telemetry::Metrics::discarded(),
+        )
+    });
     if !wait_for_redis(&limiter.addr).await {
         return None;
     }
