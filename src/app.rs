@@ -98,7 +98,10 @@ impl RunningApp {
             events.shutdown(remaining).await;
         }
         let metrics = self.metrics;
-        let _ = web::block(move || metrics.shutdown()).await;
+        let remaining = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(500));
+        let _ = web::block(move || metrics.shutdown(remaining)).await;
         for arbiter in self.arbiters {
             arbiter.stop();
         }
@@ -122,9 +125,9 @@ pub async fn start(config: Config, role: Role, handle_signals: bool) -> anyhow::
     let metrics = pipeline.metrics.clone();
     metrics.watch_pool(pool.clone());
     let settings = &config.telemetry;
-    let events =
-        (role.runs_consumers() && telemetry::exporting(settings) && settings.export_events)
-            .then(|| EventExporter::start(settings, metrics.clone()));
+    let events = telemetry::signal_url(settings, telemetry::Signal::Events)
+        .filter(|_| role.runs_consumers() && settings.export_events)
+        .map(|url| EventExporter::start(settings, url, metrics.clone()));
 
     let mut arbiters = Vec::new();
     let (rate_limiter, producer, actor_statuses) = if role.runs_api() {
@@ -288,7 +291,7 @@ fn http_server(
             .wrap(actix_web::middleware::from_fn(
                 http::metrics::record_request,
             ))
-            .wrap(TracingLogger::default())
+            .wrap(TracingLogger::<http::spans::RootSpan>::new())
             .configure(|cfg| http::routes(cfg, ingest))
     })
     .shutdown_timeout(config.http.shutdown_timeout_secs)

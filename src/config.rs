@@ -436,6 +436,9 @@ pub struct TelemetryConfig {
     /// Most event log records waiting for export; when it is full, new records are dropped
     /// and counted, and ingestion goes on. Default 8192.
     pub event_queue_size: usize,
+    /// Most bytes of event log records waiting for export, in KiB; past it new records are
+    /// dropped and counted. Default 16384 (16 MiB).
+    pub event_queue_kbytes: usize,
     /// Most event log records in one export request. Default 512.
     pub event_batch_size: usize,
     /// Distinct event service names that get their own series in the events metric; the
@@ -456,6 +459,7 @@ impl Default for TelemetryConfig {
             metric_interval_ms: 15_000,
             export_events: true,
             event_queue_size: 8192,
+            event_queue_kbytes: 16 * 1024,
             event_batch_size: 512,
             metric_service_limit: 200,
             prometheus: true,
@@ -483,6 +487,7 @@ impl Config {
             None => toml::Table::new(),
         };
         let env: Vec<(String, String)> = env.into_iter().collect();
+        check_otel_env(&env)?;
         apply_otel_env(&mut table, &env);
         apply_env(&mut table, env)?;
         let config: Config = toml::Value::Table(table)
@@ -704,6 +709,11 @@ impl Config {
             1,
         )?;
         at_least(
+            "telemetry.event_queue_kbytes",
+            telemetry.event_queue_kbytes as u64,
+            1024,
+        )?;
+        at_least(
             "consumer.lag_sample_interval_ms",
             self.consumer.lag_sample_interval_ms,
             100,
@@ -747,6 +757,37 @@ fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
             path.display()
         ))
     })
+}
+
+/// Checks the standard OpenTelemetry variables that logpipe passes on without a setting
+/// of its own: the endpoint of one signal, and the compression.
+fn check_otel_env(env: &[(String, String)]) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let value = raw.trim();
+        if value.is_empty() {
+            continue;
+        }
+        let signal_endpoint = matches!(
+            name.as_str(),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                | "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+                | "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"
+        );
+        let http_url = (value.starts_with("http://") || value.starts_with("https://"))
+            && reqwest::Url::parse(value).is_ok();
+        if signal_endpoint && !http_url {
+            return Err(ConfigError(format!(
+                "invalid variable {name}: {value:?} is not an http:// or https:// URL"
+            )));
+        }
+        let compression = name.starts_with("OTEL_EXPORTER_OTLP_") && name.ends_with("COMPRESSION");
+        if compression && !matches!(value, "gzip" | "none") {
+            return Err(ConfigError(format!(
+                "invalid variable {name}: {value:?} is not gzip or none"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Applies the standard OpenTelemetry variables of `OTEL_VARIABLES` to the `telemetry`
@@ -1013,6 +1054,16 @@ mod tests {
                 "LOGPIPE_TELEMETRY_EVENT_QUEUE_SIZE",
                 "0",
                 "telemetry.event_queue_size",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "garbage",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ),
+            (
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
+                "zstdx",
+                "OTEL_EXPORTER_OTLP_COMPRESSION",
             ),
         ] {
             let err = Config::load(None, env(&[(variable, value)])).unwrap_err();

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -59,6 +60,9 @@ enum Command {
     },
 }
 
+/// Longest time the last traces and logs may take to export after logpipe stopped.
+const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -79,7 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let running = app::start(config, role, true).await?;
                 running.wait().await
             });
-            telemetry.shutdown();
+            telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT);
             served
         }
         Command::Migrate => {
@@ -91,7 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("applied {} migration(s)", applied.len());
                 Ok(())
             });
-            telemetry.shutdown();
+            telemetry.shutdown(TELEMETRY_FLUSH_TIMEOUT);
             migrated
         }
         Command::Replay {

@@ -41,6 +41,10 @@ struct Received {
     metric_names: HashSet<String>,
     /// `(resource service.name, record)`.
     logs: Vec<(String, LogRecord)>,
+    /// The `x-logpipe-test` header of each logs request.
+    log_headers: Vec<Option<String>>,
+    /// `service.instance.id` of every resource of logpipe's own telemetry.
+    instances: HashSet<String>,
 }
 
 /// An OTLP/HTTP receiver on a free loopback port, in a thread with its own actix system.
@@ -52,9 +56,13 @@ struct Receiver {
 }
 
 fn service_name(attributes: &[KeyValue]) -> String {
+    string_attribute(attributes, "service.name")
+}
+
+fn string_attribute(attributes: &[KeyValue], key: &str) -> String {
     attributes
         .iter()
-        .find(|kv| kv.key == "service.name")
+        .find(|kv| kv.key == key)
         .and_then(|kv| kv.value.as_ref())
         .and_then(|value| match &value.value {
             Some(any_value::Value::StringValue(text)) => Some(text.clone()),
@@ -69,7 +77,11 @@ async fn receive_traces(body: web::Bytes, received: web::Data<Mutex<Received>>) 
     };
     let mut received = received.lock().expect("received");
     for resource in request.resource_spans {
-        let service = service_name(&resource.resource.unwrap_or_default().attributes);
+        let attributes = resource.resource.unwrap_or_default().attributes;
+        let service = service_name(&attributes);
+        received
+            .instances
+            .insert(string_attribute(&attributes, "service.instance.id"));
         for scope in resource.scope_spans {
             for span in scope.spans {
                 received.spans.push((service.clone(), span));
@@ -98,11 +110,21 @@ async fn receive_metrics(body: web::Bytes, received: web::Data<Mutex<Received>>)
         .finish()
 }
 
-async fn receive_logs(body: web::Bytes, received: web::Data<Mutex<Received>>) -> HttpResponse {
+async fn receive_logs(
+    http: actix_web::HttpRequest,
+    body: web::Bytes,
+    received: web::Data<Mutex<Received>>,
+) -> HttpResponse {
     let Ok(request) = ExportLogsServiceRequest::decode(body) else {
         return HttpResponse::BadRequest().finish();
     };
     let mut received = received.lock().expect("received");
+    let header = http
+        .headers()
+        .get("x-logpipe-test")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    received.log_headers.push(header);
     for resource in request.resource_logs {
         let service = service_name(&resource.resource.unwrap_or_default().attributes);
         for scope in resource.scope_logs {
@@ -222,6 +244,7 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
         &[
             ("OTEL_BSP_SCHEDULE_DELAY", "200"),
             ("OTEL_BLRP_SCHEDULE_DELAY", "200"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-logpipe-test=ingest%20key"),
         ],
     )
     .await;
@@ -296,6 +319,8 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
             .spans
             .iter()
             .all(|(service, _)| service == "logpipe"));
+        assert_eq!(received.instances.len(), 1, "one process, one instance id");
+        assert!(!received.instances.contains(""));
     }
 
     // Every metric logpipe defines arrives.
@@ -353,9 +378,15 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
             .expect("the event with its own trace context");
         assert_eq!(notice.severity_number, 10);
         assert_eq!(hex(&notice.span_id), EVENT_SPAN);
+        // Every logs request, the event records' included, carries the configured header.
+        assert!(!received.log_headers.is_empty());
+        assert!(received
+            .log_headers
+            .iter()
+            .all(|header| header.as_deref() == Some("ingest key")));
     }
 
-    // With the receiver gone, ingestion goes on, and the outage is logged once.
+    // With the receiver gone, ingestion goes on, and the outage is logged once per signal.
     receiver.stop().await;
     let more: Vec<Value> = (0..5)
         .map(|n| json!({"service_name": "apache", "log_level": "info", "message": format!("after {n}")}))
@@ -376,12 +407,19 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
     );
     // Several metric intervals pass with the endpoint down.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let warnings = app
-        .log_text()
+    let log = app.log_text();
+    let warnings: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("cannot export telemetry"))
-        .count();
-    assert_eq!(warnings, 1, "one warning per outage:\n{}", app.log_text());
+        .collect();
+    assert!(!warnings.is_empty(), "the outage is logged:\n{log}");
+    for signal in ["traces", "metrics", "logs", "events"] {
+        let count = warnings
+            .iter()
+            .filter(|line| line.contains(&format!("signal=\"{signal}\"")))
+            .count();
+        assert!(count <= 1, "{count} warnings for {signal}:\n{log}");
+    }
 }
 
 /// Parses Prometheus text exposition lines into `(series, value)`, failing on any line that

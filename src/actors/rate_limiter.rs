@@ -78,6 +78,12 @@ const KEY_PREFIX: &str = "logpipe:ratelimit:";
 const LOCAL_MAX_SUBJECTS: usize = 100_000;
 
 /// Returns the subject of an API key's request limit.
+/// True for a check of an API key's ingest limit, the decisions the metrics count; login
+/// attempts are limited by the same actor but not counted there.
+fn is_ingest(check: &Check) -> bool {
+    check.subject.starts_with("key:")
+}
+
 pub fn api_key_subject(key_id: i64) -> String {
     format!("key:{key_id}")
 }
@@ -101,7 +107,9 @@ pub struct Limit {
 
 impl Limit {
     fn interval_us(self) -> u64 {
-        60_000_000 / u64::from(self.per_minute.max(1))
+        // At least 1 µs, so that the local fallback never divides by zero, whatever the
+        // per-key limit stored in PostgreSQL.
+        (60_000_000 / u64::from(self.per_minute.max(1))).max(1)
     }
 }
 
@@ -286,7 +294,9 @@ impl RateLimiter {
         for (check, values) in batch.into_iter().zip(values) {
             let decision = decision_from_script(check.limit.per_minute, &values);
             self.local.observe(&check.subject, decision.reset_after);
-            self.metrics.rate_limit_decision(decision.allowed, false);
+            if is_ingest(&check) {
+                self.metrics.rate_limit_decision(decision.allowed, false);
+            }
             let _ = check.reply.send(Ok(decision));
         }
     }
@@ -308,7 +318,9 @@ impl RateLimiter {
                 StoreErrorPolicy::Deny => Err(failure.to_error()),
             };
             if let Ok(decision) = &result {
-                self.metrics.rate_limit_decision(decision.allowed, true);
+                if is_ingest(&check) {
+                    self.metrics.rate_limit_decision(decision.allowed, true);
+                }
             }
             let _ = check.reply.send(result);
         }

@@ -286,12 +286,22 @@ async fn read_body(
 
 /// Rejects the request when an event is too large for one Kafka message, before anything
 /// of it is published.
-fn check_message_sizes(records: &[kafka_producer::Record], limit: usize) -> Result<(), ApiError> {
+fn check_message_sizes(
+    records: &[kafka_producer::Record],
+    trace: &[(String, String)],
+    limit: usize,
+) -> Result<(), ApiError> {
+    // Key and headers travel in the same message: 512 bytes covers logpipe's own headers,
+    // and the trace context headers count at their size.
+    let overhead = 512
+        + trace
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>();
     let errors: Vec<FieldError> = records
         .iter()
         .enumerate()
-        // Key and headers travel in the same message; 512 bytes covers them.
-        .filter(|(_, record)| record.payload.len() + record.key.len() + 512 > limit)
+        .filter(|(_, record)| record.payload.len() + record.key.len() + overhead > limit)
         .map(|(index, record)| FieldError {
             index,
             field: String::new(),
@@ -322,8 +332,8 @@ async fn publish(
         .map(kafka_producer::encode)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| ApiError::internal("cannot encode event", err))?;
-    check_message_sizes(&records, state.config.producer.max_message_bytes)?;
     let trace = propagation::inject(span);
+    check_message_sizes(&records, &trace, state.config.producer.max_message_bytes)?;
     let build = |reply| Publish {
         records,
         trace,

@@ -9,6 +9,7 @@ pub mod health;
 pub mod keys;
 pub mod logs;
 pub mod metrics;
+pub mod spans;
 
 use std::future::{ready, Ready};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -166,9 +167,11 @@ impl InFlightLimits {
 
 /// Registers every route of the API (`ingest` false: only the health routes).
 pub fn routes(cfg: &mut web::ServiceConfig, ingest: bool) {
-    cfg.service(resource(&["/healthz"], "GET").route(web::get().to(health::healthz)))
-        .service(resource(&["/readyz"], "GET").route(web::get().to(health::readyz)))
-        .service(resource(&["/metrics"], "GET").route(web::get().to(metrics::prometheus)));
+    cfg.service(resource(&["/healthz", "/healthz/"], "GET").route(web::get().to(health::healthz)))
+        .service(resource(&["/readyz", "/readyz/"], "GET").route(web::get().to(health::readyz)))
+        .service(
+            resource(&["/metrics", "/metrics/"], "GET").route(web::get().to(metrics::prometheus)),
+        );
     if ingest {
         api_routes(cfg);
     }

@@ -5,11 +5,16 @@
 //! event's severity, message (as body) and attributes. Its trace context is the one the
 //! client sent with the event, or else the one of the request that ingested it. The consumers hand
 //! records over with [`EventExporter::export`], which never waits: the queue is bounded by
-//! `telemetry.event_queue_size`, and a record that does not fit is dropped and counted. One
-//! task sends the queue in batches of up to `telemetry.event_batch_size` records; a failed
-//! request drops its batch, counts it, and is reported once per collector outage.
+//! `telemetry.event_queue_size` records and `telemetry.event_queue_kbytes`, and a record
+//! that does not fit is dropped and counted. One task sends the queue in requests of up to
+//! `telemetry.event_batch_size` records and `MAX_REQUEST_BYTES`. A failed request drops its
+//! records and counts them, and is reported once per collector outage.
+//!
+//! Each record's resource also carries `logpipe.user_id`, the account that sent the event,
+//! so that two accounts' services of the same name can be told apart.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,49 +31,81 @@ use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{otlp, Metrics};
+use super::otlp::{self, Signal};
+use super::Metrics;
 use crate::config::TelemetryConfig;
 use crate::event::Event;
 
 /// Maximum time a record waits for its batch to fill.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
 
+/// Largest export request, in bytes of encoded records. An OpenTelemetry Collector takes
+/// bodies up to 20 MiB by default.
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Attribute of the event id; a client attribute of the same name is left out.
+const RECORD_UID: &str = "log.record.uid";
+
 /// Instrumentation scope of the event records.
 const SCOPE_NAME: &str = "logpipe.events";
 
 /// A record on its way out, with the service that becomes its resource.
 struct Item {
+    user_id: i64,
     service: String,
     record: LogRecord,
+    /// Encoded size of the record.
+    bytes: usize,
 }
 
 /// Hands stored events to the export task; cheap to clone.
 #[derive(Clone)]
 pub struct EventExporter {
     queue: mpsc::Sender<Item>,
+    /// Bytes of the records in the queue.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
     metrics: Metrics,
     stop: Arc<watch::Sender<bool>>,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl EventExporter {
-    /// Starts the export task on the current runtime.
-    pub fn start(config: &TelemetryConfig, metrics: Metrics) -> Self {
+    /// Starts the export task on the current runtime; records go to `url` with the headers
+    /// of the `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_LOGS_HEADERS` variables.
+    pub fn start(config: &TelemetryConfig, url: String, metrics: Metrics) -> Self {
         let (queue, receiver) = mpsc::channel(config.event_queue_size);
         let (stop, stopped) = watch::channel(false);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in otlp::signal_headers(Signal::Events) {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes());
+            let value = reqwest::header::HeaderValue::from_str(&value);
+            match (name, value) {
+                (Ok(name), Ok(value)) => {
+                    headers.insert(name, value);
+                }
+                _ => tracing::warn!("skipping an OTLP header that is not a valid HTTP header"),
+            }
+        }
         let sender = Sender {
             client: reqwest::Client::builder()
                 .timeout(Duration::from_millis(config.otlp_timeout_ms))
+                .user_agent(concat!("logpipe/", env!("CARGO_PKG_VERSION")))
+                .default_headers(headers)
                 .build()
                 .unwrap_or_default(),
-            url: otlp::signal_url(&config.otlp_endpoint, "logs"),
+            url,
             json: config.otlp_protocol == "http/json",
             metrics: metrics.clone(),
+            queued_bytes: Arc::clone(&queued_bytes),
         };
         let batch_size = config.event_batch_size;
         let task = tokio::spawn(sender.run(receiver, stopped, batch_size));
         Self {
             queue,
+            queued_bytes,
+            max_queued_bytes: config.event_queue_kbytes.saturating_mul(1024),
             metrics,
             stop: Arc::new(stop),
             task: Arc::new(Mutex::new(Some(task))),
@@ -83,11 +120,17 @@ impl EventExporter {
     ) {
         let mut dropped = 0;
         for (event, trace) in events {
+            let record = record(event, trace);
+            let bytes = record.encoded_len();
+            let queued = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
             let item = Item {
+                user_id: event.user_id,
                 service: event.service_name.clone(),
-                record: record(event, trace),
+                record,
+                bytes,
             };
-            if self.queue.try_send(item).is_err() {
+            if queued + bytes > self.max_queued_bytes || self.queue.try_send(item).is_err() {
+                self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
                 dropped += 1;
             }
         }
@@ -114,6 +157,7 @@ struct Sender {
     url: String,
     json: bool,
     metrics: Metrics,
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl Sender {
@@ -123,7 +167,7 @@ impl Sender {
         mut stop: watch::Receiver<bool>,
         batch_size: usize,
     ) {
-        let mut batch = Vec::with_capacity(batch_size);
+        let mut batch = Batch::default();
         let mut stopping = false;
         while !stopping {
             tokio::select! {
@@ -134,7 +178,7 @@ impl Sender {
                 _ = stop.changed() => break,
             }
             let deadline = Instant::now() + BATCH_DELAY;
-            while batch.len() < batch_size {
+            while batch.items.len() < batch_size && batch.bytes < MAX_REQUEST_BYTES {
                 tokio::select! {
                     item = queue.recv() => match item {
                         Some(item) => batch.push(item),
@@ -153,19 +197,20 @@ impl Sender {
         queue.close();
         while let Ok(item) = queue.try_recv() {
             batch.push(item);
-            if batch.len() >= batch_size {
+            if batch.items.len() >= batch_size || batch.bytes >= MAX_REQUEST_BYTES {
                 self.send(std::mem::take(&mut batch)).await;
             }
         }
         self.send(batch).await;
     }
 
-    async fn send(&self, batch: Vec<Item>) {
-        if batch.is_empty() {
+    async fn send(&self, batch: Batch) {
+        if batch.items.is_empty() {
             return;
         }
-        let records = batch.len() as u64;
-        let request = request(batch);
+        self.queued_bytes.fetch_sub(batch.bytes, Ordering::Relaxed);
+        let records = batch.items.len() as u64;
+        let request = request(batch.items);
         let (body, content_type) = if self.json {
             match serde_json::to_vec(&request) {
                 Ok(body) => (body, "application/json"),
@@ -191,29 +236,51 @@ impl Sender {
             Err(err) => Some(err.to_string()),
         };
         match failure {
-            None => otlp::outage().succeeded(),
+            None => otlp::outage().succeeded(Signal::Events),
             Some(error) => {
-                otlp::outage().failed("events", &error);
+                otlp::outage().failed(Signal::Events, &error);
                 self.metrics.event_export_dropped("export_failed", records);
             }
         }
     }
 }
 
-/// Groups records by service into one export request.
+/// Records taken from the queue for one request.
+#[derive(Default)]
+struct Batch {
+    items: Vec<Item>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, item: Item) {
+        self.bytes += item.bytes;
+        self.items.push(item);
+    }
+}
+
+/// Groups records by account and service into one export request.
 fn request(batch: Vec<Item>) -> ExportLogsServiceRequest {
-    let mut by_service: HashMap<String, Vec<LogRecord>> = HashMap::new();
+    let mut by_service: HashMap<(i64, String), Vec<LogRecord>> = HashMap::new();
     for item in batch {
         by_service
-            .entry(item.service)
+            .entry((item.user_id, item.service))
             .or_default()
             .push(item.record);
     }
     let resource_logs = by_service
         .into_iter()
-        .map(|(service, log_records)| ResourceLogs {
+        .map(|((user_id, service), log_records)| ResourceLogs {
             resource: Some(Resource {
-                attributes: vec![key_value("service.name", string(service))],
+                attributes: vec![
+                    key_value("service.name", string(service)),
+                    key_value(
+                        "logpipe.user_id",
+                        AnyValue {
+                            value: Some(any_value::Value::IntValue(user_id)),
+                        },
+                    ),
+                ],
                 ..Default::default()
             }),
             scope_logs: vec![ScopeLogs {
@@ -236,9 +303,10 @@ fn record(event: &Event, trace: Option<&SpanContext>) -> LogRecord {
     let mut attributes: Vec<KeyValue> = event
         .attributes
         .iter()
+        .filter(|(key, _)| key.as_str() != RECORD_UID)
         .map(|(key, value)| key_value(key, any_value(value)))
         .collect();
-    attributes.push(key_value("log.record.uid", string(event.id.to_string())));
+    attributes.push(key_value(RECORD_UID, string(event.id.to_string())));
     let (trace_id, span_id, flags) = match (&event.trace_id, &event.span_id) {
         (Some(trace_id), span_id) => (
             hex_bytes(trace_id),
@@ -268,9 +336,15 @@ fn record(event: &Event, trace: Option<&SpanContext>) -> LogRecord {
     }
 }
 
+/// Returns nanoseconds since the Unix epoch, or 0 (unknown, in OTLP) for a time before
+/// 1970, which OTLP's unsigned field cannot hold.
 fn unix_nanos(time: chrono::DateTime<chrono::Utc>) -> u64 {
-    time.timestamp_nanos_opt()
-        .and_then(|nanos| u64::try_from(nanos).ok())
+    let Ok(seconds) = u64::try_from(time.timestamp()) else {
+        return 0;
+    };
+    seconds
+        .checked_mul(1_000_000_000)
+        .and_then(|nanos| nanos.checked_add(u64::from(time.timestamp_subsec_nanos())))
         .unwrap_or(0)
 }
 
@@ -388,17 +462,44 @@ mod tests {
 
     #[test]
     fn request_groups_records_by_service() {
-        let items = ["a", "b", "a"].map(|service| Item {
+        let items = [(1, "a"), (1, "b"), (1, "a"), (2, "a")].map(|(user_id, service)| Item {
+            user_id,
             service: service.into(),
             record: LogRecord::default(),
+            bytes: 0,
         });
         let request = request(items.into());
-        assert_eq!(request.resource_logs.len(), 2);
+        assert_eq!(request.resource_logs.len(), 3);
         let total: usize = request
             .resource_logs
             .iter()
             .map(|r| r.scope_logs[0].log_records.len())
             .sum();
-        assert_eq!(total, 3);
+        assert_eq!(total, 4);
+    }
+
+    #[test]
+    fn client_record_uid_is_replaced() {
+        let event = event(r#", "log.record.uid": "spoofed""#);
+        let record = record(&event, None);
+        let uids: Vec<&KeyValue> = record
+            .attributes
+            .iter()
+            .filter(|kv| kv.key == RECORD_UID)
+            .collect();
+        assert_eq!(uids.len(), 1);
+        assert_eq!(uids[0].value, Some(string(event.id.to_string())));
+    }
+
+    #[test]
+    fn times_past_the_signed_nanosecond_range_export() {
+        let late = chrono::DateTime::parse_from_rfc3339("2300-01-01T00:00:00Z")
+            .expect("time")
+            .to_utc();
+        assert_eq!(unix_nanos(late), 10_413_792_000 * 1_000_000_000);
+        let early = chrono::DateTime::parse_from_rfc3339("1969-12-31T23:59:59Z")
+            .expect("time")
+            .to_utc();
+        assert_eq!(unix_nanos(early), 0);
     }
 }

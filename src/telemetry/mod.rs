@@ -20,7 +20,6 @@ use opentelemetry::KeyValue;
 use opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing::level_filters::LevelFilter;
@@ -30,7 +29,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub use metrics::Metrics;
-pub use otlp::outage;
+pub use otlp::{outage, signal_url, Signal};
 
 use crate::config::{Config, TelemetryConfig};
 
@@ -60,17 +59,33 @@ pub struct Telemetry {
     logger: Option<SdkLoggerProvider>,
 }
 
-/// True when an OTLP endpoint is configured.
+/// True when at least one signal has an OTLP endpoint.
 pub fn exporting(config: &TelemetryConfig) -> bool {
-    !config.otlp_endpoint.trim().is_empty()
+    [Signal::Traces, Signal::Metrics, Signal::Logs]
+        .into_iter()
+        .any(|signal| signal_url(config, signal).is_some())
 }
 
-/// Builds the resource of logpipe's own telemetry.
+/// Builds the resource of logpipe's own telemetry. `service.instance.id` is new for each
+/// process, so that the series of two processes never mix.
 fn resource(config: &TelemetryConfig) -> Resource {
-    Resource::builder()
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| uuid::Uuid::new_v4().to_string());
+    let mut builder = Resource::builder()
         .with_service_name(config.service_name.clone())
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build()
+        .with_attribute(KeyValue::new("service.instance.id", instance.clone()));
+    if let Some(host) = host_name() {
+        builder = builder.with_attribute(KeyValue::new("host.name", host));
+    }
+    builder.build()
+}
+
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
 }
 
 /// Builds the filter of the stdout logs: `RUST_LOG` when set, else `log.level`.
@@ -98,8 +113,10 @@ pub fn init(config: &Config) -> Telemetry {
     };
     let mut problems = Vec::new();
     if exporting(settings) {
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        match otlp::span_exporter(settings) {
+        opentelemetry::global::set_text_map_propagator(propagation::BoundedTraceContext::new());
+    }
+    if let Some(url) = signal_url(settings, Signal::Traces) {
+        match otlp::span_exporter(settings, url) {
             Ok(exporter) => {
                 let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                     settings.trace_sample_ratio,
@@ -119,6 +136,7 @@ pub fn init(config: &Config) -> Telemetry {
                     tracing_opentelemetry::layer()
                         .with_tracer(tracer)
                         .with_tracked_inactivity(false)
+                        .with_location(false)
                         .with_filter(spans)
                         .boxed(),
                 );
@@ -126,7 +144,9 @@ pub fn init(config: &Config) -> Telemetry {
             }
             Err(err) => problems.push(format!("traces: {err}")),
         }
-        match otlp::log_exporter(settings) {
+    }
+    if let Some(url) = signal_url(settings, Signal::Logs) {
+        match otlp::log_exporter(settings, url) {
             Ok(exporter) => {
                 let provider = SdkLoggerProvider::builder()
                     .with_resource(resource(settings))
@@ -155,8 +175,11 @@ pub fn init(config: &Config) -> Telemetry {
         tracing::error!(%problem, "cannot build an OTLP exporter; that signal is not exported");
     }
     if exporting(settings) {
+        let url = |signal| signal_url(settings, signal).unwrap_or_else(|| "off".into());
         tracing::info!(
-            endpoint = %settings.otlp_endpoint,
+            traces = %url(Signal::Traces),
+            metrics = %url(Signal::Metrics),
+            logs = %url(Signal::Logs),
             protocol = %settings.otlp_protocol,
             "exporting telemetry over OTLP"
         );
@@ -165,17 +188,23 @@ pub fn init(config: &Config) -> Telemetry {
 }
 
 impl Telemetry {
-    /// Exports what is buffered and stops the exporters.
-    pub fn shutdown(self) {
-        if let Some(tracer) = self.tracer {
-            if let Err(err) = tracer.shutdown_with_timeout(Duration::from_secs(5)) {
-                eprintln!("logpipe: cannot flush traces: {err}");
-            }
-        }
+    /// Exports what is buffered, traces and logs at once, within `timeout`, and stops the
+    /// exporters.
+    pub fn shutdown(self, timeout: Duration) {
+        let tracer = self.tracer.map(|tracer| {
+            std::thread::spawn(move || {
+                if let Err(err) = tracer.shutdown_with_timeout(timeout) {
+                    eprintln!("logpipe: cannot flush traces: {err}");
+                }
+            })
+        });
         if let Some(logger) = self.logger {
-            if let Err(err) = logger.shutdown_with_timeout(Duration::from_secs(5)) {
+            if let Err(err) = logger.shutdown_with_timeout(timeout) {
                 eprintln!("logpipe: cannot flush logs: {err}");
             }
+        }
+        if let Some(tracer) = tracer {
+            let _ = tracer.join();
         }
     }
 }
@@ -205,8 +234,8 @@ impl MetricsPipeline {
         } else {
             None
         };
-        if exporting(config) {
-            let exporter = otlp::metric_exporter(config)
+        if let Some(url) = signal_url(config, Signal::Metrics) {
+            let exporter = otlp::metric_exporter(config, url)
                 .map_err(|err| anyhow::anyhow!("cannot build the OTLP metric exporter: {err}"))?;
             let reader = PeriodicReader::builder(exporter)
                 .with_interval(Duration::from_millis(config.metric_interval_ms))
@@ -222,9 +251,10 @@ impl MetricsPipeline {
         })
     }
 
-    /// Exports the last values and stops the readers. Blocks; call it off the async threads.
-    pub fn shutdown(&self) {
-        if let Err(err) = self.provider.shutdown_with_timeout(Duration::from_secs(5)) {
+    /// Exports the last values within `timeout` and stops the readers. Blocks, so call it
+    /// off the async threads.
+    pub fn shutdown(&self, timeout: Duration) {
+        if let Err(err) = self.provider.shutdown_with_timeout(timeout) {
             tracing::debug!(error = %err, "cannot flush metrics");
         }
     }

@@ -11,7 +11,7 @@ pub const HTTP_REQUEST_DURATION: &str = "http.server.request.duration";
 pub const EVENTS_INGESTED: &str = "logpipe.events.ingested";
 /// Rejected ingest requests, by `reason`; nothing of a rejected request is kept.
 pub const INGEST_REJECTED: &str = "logpipe.ingest.rejected";
-/// Rate-limit decisions, by `decision` (`allowed`, `blocked`) and `store` (`redis`, or
+/// Rate-limit decisions on ingest requests, by `decision` (`allowed`, `blocked`) and `store` (`redis`, or
 /// `fallback` when Redis was unreachable).
 pub const RATE_LIMIT_DECISIONS: &str = "logpipe.rate_limit.decisions";
 /// Time from handing a batch to librdkafka to the last acknowledgement, seconds; by `outcome`.

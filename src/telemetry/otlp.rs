@@ -1,8 +1,8 @@
 //! OTLP/HTTP exporters for traces, metrics and logs, and the collector outage tracker.
 //!
-//! Each exporter is wrapped so that a failed export is reported once per outage instead of
-//! once per batch, and never as an error the SDK logs again: while the collector is down,
-//! telemetry is dropped and ingestion goes on.
+//! Each exporter is wrapped so that a failed export is reported once per outage of its
+//! signal instead of once per batch, and never as an error the SDK logs again. While the
+//! collector is down, telemetry is dropped and ingestion goes on.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -19,62 +19,167 @@ use opentelemetry_sdk::Resource;
 
 use crate::config::TelemetryConfig;
 
-/// Whether the collector is unreachable, shared by every exporter of the process.
-#[derive(Debug, Default)]
-pub struct Outage {
-    down: AtomicBool,
+/// A kind of telemetry with its own OTLP endpoint and outage state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    /// logpipe's own logs.
+    Logs,
+    /// The stored events, sent as log records to the logs endpoint.
+    Events,
 }
 
-/// Returns the process's tracker, since a process has one collector endpoint.
+impl Signal {
+    const ALL: [Signal; 4] = [
+        Signal::Traces,
+        Signal::Metrics,
+        Signal::Logs,
+        Signal::Events,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Traces => "traces",
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+            Signal::Events => "events",
+        }
+    }
+
+    /// The OTLP path and the variable suffix of this signal's endpoint.
+    fn otlp(self) -> (&'static str, &'static str) {
+        match self {
+            Signal::Traces => ("traces", "TRACES"),
+            Signal::Metrics => ("metrics", "METRICS"),
+            Signal::Logs | Signal::Events => ("logs", "LOGS"),
+        }
+    }
+}
+
+/// Whether exports of each signal fail, shared by every exporter of the process.
+#[derive(Debug, Default)]
+pub struct Outage {
+    down: [AtomicBool; 4],
+}
+
+/// Returns the process's outage tracker; a process has one set of endpoints.
 pub fn outage() -> &'static Outage {
     static OUTAGE: OnceLock<Outage> = OnceLock::new();
     OUTAGE.get_or_init(Outage::default)
 }
 
 impl Outage {
-    /// Logs the first failure of an outage; later ones stay quiet until an export succeeds.
-    pub fn failed(&self, signal: &str, error: &dyn std::fmt::Display) {
-        if !self.down.swap(true, Ordering::Relaxed) {
+    fn flag(&self, signal: Signal) -> &AtomicBool {
+        let index = Signal::ALL.iter().position(|s| *s == signal).unwrap_or(0);
+        &self.down[index]
+    }
+
+    /// Logs the first failure of an outage of `signal`; later ones stay quiet until an
+    /// export of that signal succeeds.
+    pub fn failed(&self, signal: Signal, error: &dyn std::fmt::Display) {
+        if !self.flag(signal).swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "logpipe::telemetry",
-                signal,
+                signal = signal.name(),
                 %error,
-                "cannot export telemetry to the OTLP endpoint; dropping telemetry until it \
-                 answers, ingestion goes on"
+                "cannot export telemetry to the OTLP endpoint; dropping it until an export \
+                 succeeds, ingestion goes on"
             );
         }
     }
 
-    /// Ends an outage, if there was one.
-    pub fn succeeded(&self) {
-        if self.down.swap(false, Ordering::Relaxed) {
-            tracing::info!(target: "logpipe::telemetry", "telemetry export to the OTLP endpoint succeeds again");
+    /// Ends an outage of `signal`, if there was one.
+    pub fn succeeded(&self, signal: Signal) {
+        if self.flag(signal).swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                target: "logpipe::telemetry",
+                signal = signal.name(),
+                "telemetry export to the OTLP endpoint succeeds again"
+            );
         }
     }
 
-    fn observe(&self, signal: &str, result: OTelSdkResult) -> OTelSdkResult {
+    fn observe(&self, signal: Signal, result: OTelSdkResult) -> OTelSdkResult {
         match result {
-            Ok(()) => self.succeeded(),
+            Ok(()) => self.succeeded(signal),
             Err(err) => self.failed(signal, &err),
         }
         Ok(())
     }
 }
 
-/// Returns the URL of one signal: `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` when set, else the base
-/// endpoint with the signal's path.
-pub fn signal_url(base: &str, signal: &str) -> String {
-    let variable = format!(
-        "OTEL_EXPORTER_OTLP_{}_ENDPOINT",
-        signal.to_ascii_uppercase()
-    );
-    if let Some(url) = std::env::var(variable)
+/// Returns the value of a variable, unless it is unset or blank.
+fn variable(name: &str) -> Option<String> {
+    std::env::var(name)
         .ok()
-        .filter(|url| !url.trim().is_empty())
-    {
-        return url;
+        .filter(|value| !value.trim().is_empty())
+}
+
+/// Returns the URL of one signal: `OTEL_EXPORTER_OTLP_<SIGNAL>_ENDPOINT` when set, else
+/// `telemetry.otlp_endpoint` with the signal's path, else `None` (not exported).
+pub fn signal_url(config: &TelemetryConfig, signal: Signal) -> Option<String> {
+    let (path, suffix) = signal.otlp();
+    if let Some(url) = variable(&format!("OTEL_EXPORTER_OTLP_{suffix}_ENDPOINT")) {
+        return Some(url.trim().to_string());
     }
-    format!("{}/v1/{signal}", base.trim().trim_end_matches('/'))
+    let base = config.otlp_endpoint.trim();
+    (!base.is_empty()).then(|| format!("{}/v1/{path}", base.trim_end_matches('/')))
+}
+
+/// Returns the headers of one signal's requests: `OTEL_EXPORTER_OTLP_HEADERS`, then
+/// `OTEL_EXPORTER_OTLP_<SIGNAL>_HEADERS` for the same names, as comma-separated
+/// `name=value` pairs with percent-encoded values.
+pub fn signal_headers(signal: Signal) -> Vec<(String, String)> {
+    let (_, suffix) = signal.otlp();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for name in [
+        "OTEL_EXPORTER_OTLP_HEADERS".to_string(),
+        format!("OTEL_EXPORTER_OTLP_{suffix}_HEADERS"),
+    ] {
+        let Some(list) = variable(&name) else {
+            continue;
+        };
+        for (key, value) in parse_headers(&list) {
+            headers.retain(|(existing, _)| !existing.eq_ignore_ascii_case(&key));
+            headers.push((key, value));
+        }
+    }
+    headers
+}
+
+/// Parses `name=value,name=value`, skipping pairs without a name or `=`.
+fn parse_headers(list: &str) -> Vec<(String, String)> {
+    list.split(',')
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            let key = key.trim();
+            (!key.is_empty()).then(|| (key.to_string(), percent_decode(value.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| text.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escape {
+            Some(byte) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            None => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 fn protocol(config: &TelemetryConfig) -> Protocol {
@@ -91,7 +196,7 @@ pub struct Watched<E>(E);
 
 impl<E: SpanExporter> SpanExporter for Watched<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        outage().observe("traces", self.0.export(batch).await)
+        outage().observe(Signal::Traces, self.0.export(batch).await)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -109,7 +214,7 @@ impl<E: SpanExporter> SpanExporter for Watched<E> {
 
 impl<E: LogExporter> LogExporter for Watched<E> {
     async fn export(&self, batch: LogBatch<'_>) -> OTelSdkResult {
-        outage().observe("logs", self.0.export(batch).await)
+        outage().observe(Signal::Logs, self.0.export(batch).await)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
@@ -123,7 +228,7 @@ impl<E: LogExporter> LogExporter for Watched<E> {
 
 impl<E: PushMetricExporter> PushMetricExporter for Watched<E> {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
-        outage().observe("metrics", self.0.export(metrics).await)
+        outage().observe(Signal::Metrics, self.0.export(metrics).await)
     }
 
     fn force_flush(&self) -> OTelSdkResult {
@@ -141,20 +246,26 @@ impl<E: PushMetricExporter> PushMetricExporter for Watched<E> {
 
 type BuildResult<T> = Result<Watched<T>, opentelemetry_otlp::ExporterBuildError>;
 
-pub fn span_exporter(config: &TelemetryConfig) -> BuildResult<opentelemetry_otlp::SpanExporter> {
+pub fn span_exporter(
+    config: &TelemetryConfig,
+    url: String,
+) -> BuildResult<opentelemetry_otlp::SpanExporter> {
     opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_endpoint(signal_url(&config.otlp_endpoint, "traces"))
+        .with_endpoint(url)
         .with_protocol(protocol(config))
         .with_timeout(Duration::from_millis(config.otlp_timeout_ms))
         .build()
         .map(Watched)
 }
 
-pub fn log_exporter(config: &TelemetryConfig) -> BuildResult<opentelemetry_otlp::LogExporter> {
+pub fn log_exporter(
+    config: &TelemetryConfig,
+    url: String,
+) -> BuildResult<opentelemetry_otlp::LogExporter> {
     opentelemetry_otlp::LogExporter::builder()
         .with_http()
-        .with_endpoint(signal_url(&config.otlp_endpoint, "logs"))
+        .with_endpoint(url)
         .with_protocol(protocol(config))
         .with_timeout(Duration::from_millis(config.otlp_timeout_ms))
         .build()
@@ -163,13 +274,31 @@ pub fn log_exporter(config: &TelemetryConfig) -> BuildResult<opentelemetry_otlp:
 
 pub fn metric_exporter(
     config: &TelemetryConfig,
+    url: String,
 ) -> BuildResult<opentelemetry_otlp::MetricExporter> {
     opentelemetry_otlp::MetricExporter::builder()
         .with_http()
-        .with_endpoint(signal_url(&config.otlp_endpoint, "metrics"))
+        .with_endpoint(url)
         .with_protocol(protocol(config))
         .with_timeout(Duration::from_millis(config.otlp_timeout_ms))
         .with_temporality(Temporality::Cumulative)
         .build()
         .map(Watched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_split_and_decoded() {
+        let headers = parse_headers("signoz-ingestion-key=abc%3D%3D, x-team = logs ,bad,=x");
+        assert_eq!(
+            headers,
+            [
+                ("signoz-ingestion-key".to_string(), "abc==".to_string()),
+                ("x-team".to_string(), "logs".to_string()),
+            ]
+        );
+    }
 }

@@ -1,11 +1,72 @@
 //! W3C trace context in Kafka message headers: the producer writes the `traceparent` (and
 //! `tracestate`) of its publish span, and the consumer continues or links to it.
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::Context;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Longest `tracestate` kept, in bytes. W3C Trace Context lets a receiver drop a longer
+/// one (its limit is 32 members, and 512 characters is the size every vendor must pass on),
+/// and a large one would otherwise be copied into every span and every Kafka message.
+const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// W3C Trace Context that drops a `tracestate` over `MAX_TRACESTATE_BYTES` or 32 members,
+/// keeping the `traceparent`.
+#[derive(Debug, Default)]
+pub struct BoundedTraceContext(TraceContextPropagator);
+
+impl BoundedTraceContext {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl TextMapPropagator for BoundedTraceContext {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        self.0.inject_context(cx, injector);
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        let oversized = extractor.get("tracestate").is_some_and(|state| {
+            state.len() > MAX_TRACESTATE_BYTES || state.split(',').count() > 32
+        });
+        if oversized {
+            self.0
+                .extract_with_context(cx, &WithoutTraceState(extractor))
+        } else {
+            self.0.extract_with_context(cx, extractor)
+        }
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        self.0.fields()
+    }
+}
+
+/// An extractor that hides the `tracestate` of another.
+struct WithoutTraceState<'a>(&'a dyn Extractor);
+
+impl Extractor for WithoutTraceState<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        if key.eq_ignore_ascii_case("tracestate") {
+            None
+        } else {
+            self.0.get(key)
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .into_iter()
+            .filter(|key| !key.eq_ignore_ascii_case("tracestate"))
+            .collect()
+    }
+}
 
 /// Returns the trace context headers of `span`, as `(name, value)` pairs; empty when the span is
 /// not recorded, which is the case when no traces are exported.
@@ -15,14 +76,14 @@ pub fn inject(span: &tracing::Span) -> Vec<(String, String)> {
         return Vec::new();
     }
     let mut carrier = std::collections::HashMap::new();
-    TraceContextPropagator::new().inject_context(&context, &mut carrier);
+    BoundedTraceContext::new().inject_context(&context, &mut carrier);
     carrier.into_iter().collect()
 }
 
 /// Reads the trace context of a consumed message, if it carries a valid one.
 pub fn extract(headers: Option<&OwnedHeaders>) -> Option<SpanContext> {
     let headers = headers?;
-    let context = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    let context = BoundedTraceContext::new().extract(&HeaderExtractor(headers));
     let span_context = context.span().span_context().clone();
     span_context.is_valid().then_some(span_context)
 }
@@ -62,6 +123,34 @@ mod tests {
         assert_eq!(context.span_id().to_string(), "00f067aa0ba902b7");
         assert!(context.is_sampled());
         assert!(context.is_remote());
+    }
+
+    #[test]
+    fn drops_an_oversized_tracestate() {
+        let big: Vec<String> = (0..40).map(|n| format!("k{n}=v")).collect();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".as_bytes()),
+            })
+            .insert(Header {
+                key: "tracestate",
+                value: Some(big.join(",").as_bytes()),
+            });
+        let context = extract(Some(&headers)).expect("traceparent kept");
+        assert_eq!(context.trace_state().header(), "");
+
+        let small = OwnedHeaders::new()
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".as_bytes()),
+            })
+            .insert(Header {
+                key: "tracestate",
+                value: Some("vendor=abc".as_bytes()),
+            });
+        let context = extract(Some(&small)).expect("traceparent kept");
+        assert_eq!(context.trace_state().header(), "vendor=abc");
     }
 
     #[test]
