@@ -420,7 +420,7 @@ pub struct TelemetryConfig {
     /// `http/protobuf` or `http/json`. `OTEL_EXPORTER_OTLP_PROTOCOL` sets it too.
     /// Default `http/protobuf`.
     pub otlp_protocol: String,
-    /// Longest time one export request may take, in milliseconds. Default 10000.
+    /// Maximum time one export request may take, in milliseconds. Default 10000.
     pub otlp_timeout_ms: u64,
     /// `service.name` of logpipe's own traces, metrics and logs. `OTEL_SERVICE_NAME` sets it
     /// too. Default `logpipe`.
@@ -1008,7 +1008,7 @@ mod tests {
     }
 
     #[test]
-    fn standard_otel_variables_set_telemetry_and_logpipe_ones_win() {
+    fn otel_variables_set_telemetry() {
         let vars = env(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),

@@ -212,7 +212,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// The spans of one trace, by name.
+/// Returns the spans of one trace, by name.
 fn trace_spans(received: &Received, trace_id: &str) -> HashMap<String, Span> {
     received
         .spans
@@ -294,7 +294,7 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
     assert_eq!(stored.get::<_, String>(0), EVENT_TRACE);
     assert_eq!(stored.get::<_, String>(1), EVENT_SPAN);
 
-    // One trace, continuing the caller's, holds every stage of the pipeline.
+    // One trace, continuing the caller's, contains every stage of the pipeline.
     receiver
         .wait_for("the pipeline spans", Duration::from_secs(30), |received| {
             let spans = trace_spans(received, CALLER_TRACE);

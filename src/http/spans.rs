@@ -1,7 +1,7 @@
-//! The root span of each HTTP request, as tracing-actix-web builds it, with two changes:
-//! a response with a 5xx status marks the span as an error even when the handler built
-//! that response itself, and the probe and scrape routes get no span, so that health
-//! checks and metric scrapes do not fill the trace store.
+//! The root span of each HTTP request, as tracing-actix-web builds it, with two changes.
+//! A response with a 5xx status marks the span as an error, even when the handler built
+//! that response itself. The probe and scrape routes get no span, so that health checks
+//! and metric scrapes do not fill the trace store.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};

@@ -47,7 +47,7 @@ impl Signal {
         }
     }
 
-    /// The OTLP path and the variable suffix of this signal's endpoint.
+    /// Returns the OTLP path and the variable suffix of this signal's endpoint.
     fn otlp(self) -> (&'static str, &'static str) {
         match self {
             Signal::Traces => ("traces", "TRACES"),

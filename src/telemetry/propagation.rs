@@ -9,9 +9,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// Longest `tracestate` kept, in bytes. W3C Trace Context lets a receiver drop a longer
-/// one (its limit is 32 members, and 512 characters is the size every vendor must pass on),
-/// and a large one would otherwise be copied into every span and every Kafka message.
+/// Maximum `tracestate` kept, in bytes. W3C Trace Context limits it to 32 members and lets
+/// a receiver drop one over 512 characters. A larger one would be copied into every span
+/// and every Kafka message.
 const MAX_TRACESTATE_BYTES: usize = 512;
 
 /// W3C Trace Context that drops a `tracestate` over `MAX_TRACESTATE_BYTES` or 32 members,
@@ -68,8 +68,8 @@ impl Extractor for WithoutTraceState<'_> {
     }
 }
 
-/// Returns the trace context headers of `span`, as `(name, value)` pairs; empty when the span is
-/// not recorded, which is the case when no traces are exported.
+/// Returns the trace context headers of `span`, as `(name, value)` pairs. The list is
+/// empty when the span is not recorded, because no traces are exported.
 pub fn inject(span: &tracing::Span) -> Vec<(String, String)> {
     let context = span.context();
     if !context.span().span_context().is_valid() {
