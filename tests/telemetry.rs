@@ -422,6 +422,77 @@ async fn exports_traces_metrics_and_event_logs_over_otlp() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_buffered_telemetry() {
+    let receiver = Receiver::start().await;
+    let mut config = test_config();
+    config.telemetry.otlp_endpoint = receiver.base.clone();
+    // Nothing is exported on a timer during the test, so what arrives was flushed at exit.
+    config.telemetry.metric_interval_ms = 600_000;
+    let mut app = ChildApp::start_with_env(
+        "otlp-exit",
+        &config,
+        Role::All,
+        &[
+            ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+            ("OTEL_BLRP_SCHEDULE_DELAY", "600000"),
+        ],
+    )
+    .await;
+    let (username, key) = user_with_key_at(&app.base, "otlpexit").await;
+    let events: Vec<Value> = read_ndjson(&common::loghub_files()[1])
+        .into_iter()
+        .take(3)
+        .collect();
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/logs/", app.base))
+        .header("API-KEY", &key)
+        .json(&events)
+        .send()
+        .await
+        .expect("ingest request");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let db = connect_db(&config).await;
+    let user = user_id(&db, &username).await;
+    assert_eq!(
+        wait_for_rows(&db, user, 3, Duration::from_secs(20)).await,
+        3
+    );
+    // The event records wait at most a second for their batch. The spans and metrics wait
+    // for their timers, which do not fire before the exit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(receiver
+        .received
+        .lock()
+        .expect("received")
+        .metric_names
+        .is_empty());
+
+    app.terminate();
+    let status = app.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    let (spans_flushed, metrics_flushed, hdfs) = {
+        let received = receiver.received.lock().expect("received");
+        let hdfs = received
+            .logs
+            .iter()
+            .filter(|(service, _)| service == "hdfs")
+            .count();
+        (
+            received
+                .spans
+                .iter()
+                .any(|(_, span)| span.name == "db.insert"),
+            received.metric_names.contains(names::EVENTS_INGESTED),
+            hdfs,
+        )
+    };
+    receiver.stop().await;
+    assert!(spans_flushed, "spans flushed at exit");
+    assert!(metrics_flushed, "metrics flushed at exit");
+    assert_eq!(hdfs, 3, "event records exported");
+}
+
 /// Parses Prometheus text exposition lines into `(series, value)`, failing on any line that
 /// is not a comment, a blank line or a sample.
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
