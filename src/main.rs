@@ -115,7 +115,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let summary = tokio_runtime()?.block_on(replay::run(options))?;
             println!("{summary}");
-            Ok(())
+            match summary.failure() {
+                Some(failure) => Err(anyhow::anyhow!(failure)),
+                None => Ok(()),
+            }
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct Summary {
     /// Events not stored, by reason: the field the server named, `invalid_json` for lines
     /// that are not JSON objects, or the HTTP status that ended the retries.
     pub rejected: BTreeMap<String, u64>,
+    /// Events of `rejected` that the server did not take after every retry, for a reason
+    /// other than their content (an HTTP status or a network error).
+    pub failed: u64,
     /// The ids the server acknowledged, in no particular order.
     pub ids: Vec<Uuid>,
     pub elapsed: Duration,
@@ -53,6 +56,18 @@ pub struct Summary {
 impl Summary {
     pub fn rejected_total(&self) -> u64 {
         self.rejected.values().sum()
+    }
+
+    /// Returns why the replay as a whole failed: an event that could not be delivered, or
+    /// nothing accepted at all. Events rejected for their content alone are not a failure.
+    pub fn failure(&self) -> Option<String> {
+        if self.failed > 0 {
+            return Some(format!(
+                "{} event(s) were not stored after {MAX_ATTEMPTS} attempts; see the reasons above",
+                self.failed
+            ));
+        }
+        (self.sent > 0 && self.accepted == 0).then(|| "no event was accepted".to_string())
     }
 
     pub fn events_per_second(&self) -> f64 {
@@ -206,7 +221,10 @@ async fn send_batch(shared: Arc<Shared>, batch: Vec<Value>) -> anyhow::Result<()
                 pending.push(second);
             }
             Outcome::TooLarge => count_failed(&shared, "payload_too_large", 1).await,
-            Outcome::Failed(status) => count_failed(&shared, &status, batch.len() as u64).await,
+            Outcome::Failed(status) => {
+                count_failed(&shared, &status, batch.len() as u64).await;
+                shared.summary.lock().await.failed += batch.len() as u64;
+            }
         }
     }
     Ok(())

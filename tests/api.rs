@@ -561,6 +561,10 @@ async fn health_and_readiness() {
         .await
         .expect("sent");
     assert_eq!(response.status(), StatusCode::OK);
+    for path in ["/healthz", "/healthz/", "/readyz"] {
+        let head = app.client.head(app.url(path)).send().await.expect("sent");
+        assert_eq!(head.status(), StatusCode::OK, "HEAD {path}");
+    }
 
     let (status, body) = read(
         app.client

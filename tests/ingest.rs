@@ -146,6 +146,30 @@ async fn replay_command_posts_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_fails_when_nothing_accepted() {
+    let app = TestApp::start().await;
+    let (_, _, key) = app.user_with_key("replaynone").await;
+    let dir = std::env::temp_dir().join(format!("logpipe-replay-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("invalid.ndjson");
+    let line = json!({"service_name": "api", "log_level": "shouting", "message": "m"});
+    std::fs::write(&file, format!("{line}\n{line}\n")).expect("write sample");
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_logpipe"))
+        .args(["replay", "--url", &app.base, "--api-key", &key])
+        .arg(&file)
+        .output()
+        .await
+        .expect("run logpipe replay");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("events accepted: 0"), "{stdout}");
+    assert!(stderr.contains("no event was accepted"), "{stderr}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rejects_bad_key() {
     let app = TestApp::start().await;
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_logpipe"))

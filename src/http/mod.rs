@@ -167,11 +167,18 @@ impl InFlightLimits {
 
 /// Registers every route of the API (`ingest` false: only the health routes).
 pub fn routes(cfg: &mut web::ServiceConfig, ingest: bool) {
-    cfg.service(resource(&["/healthz", "/healthz/"], "GET").route(web::get().to(health::healthz)))
-        .service(resource(&["/readyz", "/readyz/"], "GET").route(web::get().to(health::readyz)))
-        .service(
-            resource(&["/metrics", "/metrics/"], "GET").route(web::get().to(metrics::prometheus)),
-        );
+    // HEAD as well as GET, for load balancers and uptime checks that probe with HEAD.
+    cfg.service(
+        resource(&["/healthz", "/healthz/"], "GET, HEAD")
+            .route(web::get().to(health::healthz))
+            .route(web::head().to(health::healthz)),
+    )
+    .service(
+        resource(&["/readyz", "/readyz/"], "GET, HEAD")
+            .route(web::get().to(health::readyz))
+            .route(web::head().to(health::readyz)),
+    )
+    .service(resource(&["/metrics", "/metrics/"], "GET").route(web::get().to(metrics::prometheus)));
     if ingest {
         api_routes(cfg);
     }
