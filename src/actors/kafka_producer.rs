@@ -67,6 +67,8 @@ pub enum PublishError {
     Kafka(#[from] KafkaError),
     #[error("producer was dropped before delivery")]
     Canceled,
+    #[error("the brokers do not know the topic {0}")]
+    TopicMissing(String),
 }
 
 /// Publishes `records` and replies when all are acknowledged.
@@ -334,13 +336,24 @@ impl Handler<Ping> for KafkaProducer {
         let topic = self.kafka.topic.clone();
         actix::spawn(async move {
             let lookup = tokio::task::spawn_blocking(move || {
-                producer
+                let metadata = producer
                     .client()
                     .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                    .map(|_| ())
+                    .map_err(PublishError::Kafka)?;
+                // A deleted topic comes back as an entry with an error or no partitions.
+                let known = metadata.topics().iter().any(|entry| {
+                    entry.name() == topic
+                        && entry.error().is_none()
+                        && !entry.partitions().is_empty()
+                });
+                if known {
+                    Ok(())
+                } else {
+                    Err(PublishError::TopicMissing(topic))
+                }
             });
             let result = match lookup.await {
-                Ok(result) => result.map_err(PublishError::Kafka),
+                Ok(result) => result,
                 Err(_) => Err(PublishError::Canceled),
             };
             let _ = msg.reply.send(result);
