@@ -671,6 +671,7 @@ impl Config {
                 ));
             }
         }
+
         if telemetry.otlp_protocol == "grpc" {
             return Err(ConfigError::invalid(
                 "telemetry.otlp_protocol",
@@ -682,8 +683,10 @@ impl Config {
             &telemetry.otlp_protocol,
             &["http/protobuf", "http/json"],
         )?;
+
         at_least("telemetry.otlp_timeout_ms", telemetry.otlp_timeout_ms, 100)?;
         not_empty("telemetry.service_name", &telemetry.service_name)?;
+
         if !(0.0..=1.0).contains(&telemetry.trace_sample_ratio) {
             return Err(ConfigError::invalid(
                 "telemetry.trace_sample_ratio",
@@ -693,6 +696,7 @@ impl Config {
                 ),
             ));
         }
+
         at_least(
             "telemetry.metric_interval_ms",
             telemetry.metric_interval_ms,

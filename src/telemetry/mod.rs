@@ -31,7 +31,7 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 pub use metrics::Metrics;
 pub use otlp::{outage, signal_url, Signal};
 
-use crate::config::{Config, TelemetryConfig};
+use crate::config::{Config, LogConfig, TelemetryConfig};
 
 /// Targets whose logs never go over OTLP: the exporters' own, which would feed back into
 /// themselves.
@@ -98,76 +98,34 @@ fn stdout_filter(level: &str) -> EnvFilter {
 /// Installs the global subscriber: stdout, plus OTLP traces and logs when an endpoint is
 /// configured.
 pub fn init(config: &Config) -> Telemetry {
-    let ansi = std::io::stdout().is_terminal();
-    let stdout: Box<dyn Layer<Registry> + Send + Sync> = if config.log.format == "json" {
-        tracing_subscriber::fmt::layer().json().boxed()
-    } else {
-        tracing_subscriber::fmt::layer().with_ansi(ansi).boxed()
-    };
-    let mut layers = vec![stdout.with_filter(stdout_filter(&config.log.level)).boxed()];
-
     let settings = &config.telemetry;
-    let mut telemetry = Telemetry {
-        tracer: None,
-        logger: None,
-    };
+    let mut layers = vec![stdout_layer(&config.log)];
     let mut problems = Vec::new();
     if exporting(settings) {
         opentelemetry::global::set_text_map_propagator(propagation::BoundedTraceContext::new());
     }
+
+    let mut tracer = None;
     if let Some(url) = signal_url(settings, Signal::Traces) {
-        match otlp::span_exporter(settings, url) {
-            Ok(exporter) => {
-                let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                    settings.trace_sample_ratio,
-                )));
-                let provider = SdkTracerProvider::builder()
-                    .with_resource(resource(settings))
-                    .with_sampler(sampler)
-                    .with_batch_exporter(exporter)
-                    .build();
-                let tracer = provider.tracer("logpipe");
-                // Spans, with the events inside them, at INFO and above. The exporters' own are
-                // left out, so that exporting cannot feed back into itself.
-                let spans = Targets::new()
-                    .with_default(LevelFilter::INFO)
-                    .with_targets(EXPORT_TARGETS.iter().map(|t| (*t, LevelFilter::OFF)));
-                layers.push(
-                    tracing_opentelemetry::layer()
-                        .with_tracer(tracer)
-                        .with_tracked_inactivity(false)
-                        .with_location(false)
-                        .with_filter(spans)
-                        .boxed(),
-                );
-                telemetry.tracer = Some(provider);
+        match trace_layer(settings, url) {
+            Ok((layer, provider)) => {
+                layers.push(layer);
+                tracer = Some(provider);
             }
             Err(err) => problems.push(format!("traces: {err}")),
         }
     }
+    let mut logger = None;
     if let Some(url) = signal_url(settings, Signal::Logs) {
-        match otlp::log_exporter(settings, url) {
-            Ok(exporter) => {
-                let provider = SdkLoggerProvider::builder()
-                    .with_resource(resource(settings))
-                    .with_batch_exporter(exporter)
-                    .build();
-                let mut filter = stdout_filter(&config.log.level);
-                for target in EXPORT_TARGETS {
-                    if let Ok(directive) = format!("{target}=off").parse() {
-                        filter = filter.add_directive(directive);
-                    }
-                }
-                layers.push(
-                    OpenTelemetryTracingBridge::new(&provider)
-                        .with_filter(filter)
-                        .boxed(),
-                );
-                telemetry.logger = Some(provider);
+        match log_layer(config, url) {
+            Ok((layer, provider)) => {
+                layers.push(layer);
+                logger = Some(provider);
             }
             Err(err) => problems.push(format!("logs: {err}")),
         }
     }
+
     if let Err(err) = tracing_subscriber::registry().with(layers).try_init() {
         eprintln!("logpipe: cannot install the log subscriber: {err}");
     }
@@ -184,7 +142,72 @@ pub fn init(config: &Config) -> Telemetry {
             "exporting telemetry over OTLP"
         );
     }
-    telemetry
+    Telemetry { tracer, logger }
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// Builds the stdout layer: text or JSON, colored only on a terminal.
+fn stdout_layer(log: &LogConfig) -> BoxedLayer {
+    let stdout: BoxedLayer = if log.format == "json" {
+        tracing_subscriber::fmt::layer().json().boxed()
+    } else {
+        let ansi = std::io::stdout().is_terminal();
+        tracing_subscriber::fmt::layer().with_ansi(ansi).boxed()
+    };
+    stdout.with_filter(stdout_filter(&log.level)).boxed()
+}
+
+/// Builds the layer that turns spans into OpenTelemetry spans, and its provider.
+fn trace_layer(
+    settings: &TelemetryConfig,
+    url: String,
+) -> Result<(BoxedLayer, SdkTracerProvider), opentelemetry_otlp::ExporterBuildError> {
+    let exporter = otlp::span_exporter(settings, url)?;
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+        settings.trace_sample_ratio,
+    )));
+    let provider = SdkTracerProvider::builder()
+        .with_resource(resource(settings))
+        .with_sampler(sampler)
+        .with_batch_exporter(exporter)
+        .build();
+
+    // Spans, with the events inside them, at INFO and above. The exporters' own are left
+    // out, so that exporting cannot feed back into itself.
+    let spans = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_targets(EXPORT_TARGETS.iter().map(|t| (*t, LevelFilter::OFF)));
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("logpipe"))
+        .with_tracked_inactivity(false)
+        .with_location(false)
+        .with_filter(spans)
+        .boxed();
+    Ok((layer, provider))
+}
+
+/// Builds the layer that sends logpipe's own logs over OTLP, and its provider.
+fn log_layer(
+    config: &Config,
+    url: String,
+) -> Result<(BoxedLayer, SdkLoggerProvider), opentelemetry_otlp::ExporterBuildError> {
+    let exporter = otlp::log_exporter(&config.telemetry, url)?;
+    let provider = SdkLoggerProvider::builder()
+        .with_resource(resource(&config.telemetry))
+        .with_batch_exporter(exporter)
+        .build();
+
+    let mut filter = stdout_filter(&config.log.level);
+    for target in EXPORT_TARGETS {
+        if let Ok(directive) = format!("{target}=off").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let layer = OpenTelemetryTracingBridge::new(&provider)
+        .with_filter(filter)
+        .boxed();
+    Ok((layer, provider))
 }
 
 impl Telemetry {
