@@ -43,8 +43,8 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-/// What a consumer does with 1,000 messages before `DbWriter` sends them: decode each
-/// payload into an event, then lay the batch out as one array per column.
+/// Measures what a consumer does with 1,000 messages before `DbWriter` sends them: decode
+/// each payload into an event, then lay the batch out as one array per column.
 fn build_postgres_batch(c: &mut Criterion) {
     let payloads: Vec<Vec<u8>> = sample_events(1000)
         .iter()

@@ -60,7 +60,7 @@ enum Command {
     },
 }
 
-/// Longest time the last traces and logs may take to export after logpipe stopped.
+/// Maximum time the last traces and logs may take to export after logpipe stopped.
 const TELEMETRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn main() -> ExitCode {

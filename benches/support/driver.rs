@@ -19,7 +19,7 @@ pub const NO_RESPONSE: u16 = 0;
 /// when the response arrived.
 pub type Probe = (String, Instant);
 
-/// What to send and for how long.
+/// Requests to send and for how long.
 #[derive(Clone)]
 pub struct LoadSpec {
     pub addr: SocketAddr,
@@ -35,7 +35,7 @@ pub struct LoadSpec {
     pub probe: Option<(u64, mpsc::UnboundedSender<Probe>)>,
 }
 
-/// What a load saw.
+/// Responses and latencies of one load.
 #[derive(Debug, Default)]
 pub struct LoadOutcome {
     pub elapsed: Duration,
@@ -59,7 +59,7 @@ impl LoadOutcome {
         self.accepted() as f64 / self.elapsed.as_secs_f64()
     }
 
-    /// The latency below which `fraction` of the 202s arrived.
+    /// Returns the latency below which `fraction` of the 202s arrived.
     pub fn percentile(&self, fraction: f64) -> Duration {
         let sorted = &self.accepted_latencies_us;
         if sorted.is_empty() {
@@ -69,7 +69,7 @@ impl LoadOutcome {
         Duration::from_micros(u64::from(sorted[rank.clamp(1, sorted.len()) - 1]))
     }
 
-    /// Every status other than 202 with its count, as `503: 12, 0: 1`, or `none`.
+    /// Formats every status other than 202 with its count, as `503: 12, 0: 1`, or `none`.
     pub fn errors(&self) -> String {
         let errors: Vec<String> = self
             .statuses

@@ -3,10 +3,9 @@
 //! `KafkaProducer` but without the actor.
 
 use futures::future::join_all;
-use logpipe::actors::kafka_producer::Record;
+use logpipe::actors::kafka_producer::{self, Record};
 use logpipe::config::Config;
-use logpipe::kafka::{self, CONTENT_TYPE_JSON, HEADER_CONTENT_TYPE, HEADER_EVENT_ID};
-use rdkafka::message::{Header, OwnedHeaders};
+use logpipe::kafka;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 /// Gives `config` a topic and dead-letter topic of its own, and creates them.
@@ -34,19 +33,10 @@ pub async fn send_all(
 ) -> Result<(), String> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
-        let headers = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: HEADER_EVENT_ID,
-                value: Some(record.event_id.as_bytes()),
-            })
-            .insert(Header {
-                key: HEADER_CONTENT_TYPE,
-                value: Some(CONTENT_TYPE_JSON.as_bytes()),
-            });
         let message = FutureRecord::to(topic)
             .key(record.key.as_bytes())
             .payload(&record.payload)
-            .headers(headers);
+            .headers(kafka_producer::headers(record, &[]));
         let delivery = producer
             .send_result(message)
             .map_err(|(err, _)| format!("cannot queue a record: {err}"))?;

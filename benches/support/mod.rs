@@ -123,16 +123,18 @@ pub fn services_reachable(bench: &str, services: &[(&str, String)]) -> bool {
     true
 }
 
-/// The PostgreSQL, Redis and Kafka addresses of a configuration, for
+/// Returns the name and address of the configuration's PostgreSQL, for
 /// [`services_reachable`].
 pub fn postgres_service(config: &Config) -> (&'static str, String) {
     ("PostgreSQL", url_host_port(&config.postgres.url, 5432))
 }
 
+/// Returns the name and address of the configuration's Redis.
 pub fn redis_service(config: &Config) -> (&'static str, String) {
     ("Redis", url_host_port(&config.redis.url, 6379))
 }
 
+/// Returns the name and address of the configuration's first Kafka broker.
 pub fn kafka_service(config: &Config) -> (&'static str, String) {
     let first = config.kafka.brokers.split(',').next().unwrap_or_default();
     ("Kafka", url_host_port(first.trim(), 9092))

@@ -310,7 +310,7 @@ fn print_ceilings(report: &Report) {
     }
 }
 
-/// The lowest ceiling of a shape and its stage's name.
+/// Returns the lowest ceiling of a shape and its stage's name.
 fn lowest(stages: &[Stage], pick: impl Fn(&Stage) -> Option<f64>) -> (f64, String) {
     stages
         .iter()

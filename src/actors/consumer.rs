@@ -106,8 +106,8 @@ impl Batch {
         }
     }
 
-    /// The span of writing this batch: a child of the publishing span when every event
-    /// came from one trace, else a new trace linked to each (up to `MAX_LINKS`).
+    /// Creates the span of writing this batch. It is a child of the publishing span when
+    /// every event came from one trace, else a new trace linked to each (up to `MAX_LINKS`).
     fn span(&self, consumer: usize) -> tracing::Span {
         let span = tracing::info_span!(
             "kafka.consume",

@@ -49,6 +49,27 @@ impl std::fmt::Debug for Record {
     }
 }
 
+/// Builds the headers of one event's message: its id, the content type and the trace
+/// context headers.
+pub fn headers(record: &Record, trace: &[(String, String)]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(2 + trace.len())
+        .insert(Header {
+            key: HEADER_EVENT_ID,
+            value: Some(record.event_id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_CONTENT_TYPE,
+            value: Some(CONTENT_TYPE_JSON.as_bytes()),
+        });
+    for (key, value) in trace {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    headers
+}
+
 /// Encodes an event as a Kafka message.
 pub fn encode(event: &Event) -> Result<Record, serde_json::Error> {
     Ok(Record {
@@ -115,7 +136,7 @@ fn needs_new_producer(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// The `reason` of a failed delivery in the failures metric.
+/// Returns the `reason` of a failed delivery in the failures metric.
 fn failure_reason(code: Option<RDKafkaErrorCode>) -> &'static str {
     match code {
         Some(RDKafkaErrorCode::MessageTimedOut) => "timeout",
@@ -176,25 +197,10 @@ impl KafkaProducer {
     ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, PublishError> {
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
-            let mut headers = OwnedHeaders::new_with_capacity(2 + trace.len())
-                .insert(Header {
-                    key: HEADER_EVENT_ID,
-                    value: Some(record.event_id.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_CONTENT_TYPE,
-                    value: Some(CONTENT_TYPE_JSON.as_bytes()),
-                });
-            for (key, value) in trace {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                });
-            }
             let message = FutureRecord::to(&self.kafka.topic)
                 .key(record.key.as_bytes())
                 .payload(&record.payload)
-                .headers(headers);
+                .headers(headers(record, trace));
             match self.producer.send_result(message) {
                 Ok(delivery) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {

@@ -77,15 +77,18 @@ const KEY_PREFIX: &str = "logpipe:ratelimit:";
 /// Subjects kept by the in-memory fallback before idle ones are dropped.
 const LOCAL_MAX_SUBJECTS: usize = 100_000;
 
+/// Prefix of the subjects of API keys' request limits.
+const API_KEY_SUBJECT_PREFIX: &str = "key:";
+
 /// Returns the subject of an API key's request limit.
-/// True for a check of an API key's ingest limit, the decisions the metrics count; login
-/// attempts are limited by the same actor but not counted there.
-fn is_ingest(check: &Check) -> bool {
-    check.subject.starts_with("key:")
+pub fn api_key_subject(key_id: i64) -> String {
+    format!("{API_KEY_SUBJECT_PREFIX}{key_id}")
 }
 
-pub fn api_key_subject(key_id: i64) -> String {
-    format!("key:{key_id}")
+/// True for a check of an API key's ingest limit, the only decisions the metrics count.
+/// Login attempts are limited by the same actor, but they are not ingest requests.
+fn is_ingest(check: &Check) -> bool {
+    check.subject.starts_with(API_KEY_SUBJECT_PREFIX)
 }
 
 /// Returns the subject of the failed-login limit of a username.

@@ -3,12 +3,14 @@
 //!
 //! Each record has the event's `service_name` as its resource's `service.name`, and the
 //! event's severity, message (as body) and attributes. Its trace context is the one the
-//! client sent with the event, or else the one of the request that ingested it. The consumers hand
-//! records over with [`EventExporter::export`], which never waits: the queue is bounded by
-//! `telemetry.event_queue_size` records and `telemetry.event_queue_kbytes`, and a record
-//! that does not fit is dropped and counted. One task sends the queue in requests of up to
-//! `telemetry.event_batch_size` records and `MAX_REQUEST_BYTES`. A failed request drops its
-//! records and counts them, and is reported once per collector outage.
+//! client sent with the event, or else the one of the request that ingested it.
+//!
+//! The consumers hand records over with [`EventExporter::export`], which only calls
+//! `try_send` and so never waits. The queue is bounded by `telemetry.event_queue_size`
+//! records and `telemetry.event_queue_kbytes`, and a record that does not fit is dropped
+//! and counted. One task sends the queue in requests of up to `telemetry.event_batch_size`
+//! records and `MAX_REQUEST_BYTES`. A failed request drops its records, counts them, and
+//! is reported once per outage of the collector.
 //!
 //! Each record's resource also carries `logpipe.user_id`, the account that sent the event,
 //! so that two accounts' services of the same name can be told apart.

@@ -64,7 +64,7 @@ impl ActorName {
     }
 }
 
-/// Messages sent to an actor and not yet answered.
+/// Count of messages sent to an actor and not yet replied to.
 #[derive(Debug, Default)]
 pub struct MailboxDepth(AtomicI64);
 
@@ -367,7 +367,7 @@ impl Metrics {
         self.0.actor_restarts.add(1, &[actor_attr(actor)]);
     }
 
-    /// The pending-message count of an actor.
+    /// Returns the pending-message count of an actor.
     pub fn mailbox(&self, actor: ActorName) -> &MailboxDepth {
         let observed = &self.0.observed;
         match actor {

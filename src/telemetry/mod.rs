@@ -51,8 +51,8 @@ const EXPORT_TARGETS: &[&str] = &[
 /// something is wrong.
 const QUIET_SDK: &str = "opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry_otlp=warn";
 
-/// The installed exporters of traces and of logpipe's own logs; [`Telemetry::shutdown`]
-/// flushes them.
+/// Installed exporters of traces and of logpipe's own logs, which
+/// [`Telemetry::shutdown`] flushes.
 #[must_use = "call shutdown before exiting, or buffered telemetry is lost"]
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
